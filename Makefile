@@ -1,0 +1,29 @@
+# The two commands a newcomer runs on a fresh machine:
+#   make demo   # set up, train MNIST with and without BN, stats, folded ONNX export
+#   make test   # set up, run every test on the TensorFlow and the JAX backend
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.keras-bn-installed
+
+.PHONY: setup demo test lint bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[tf-cpu,jax,onnx,examples,dev]"
+	# tf_keras (a benchmark peer) without pulling the full tensorflow package.
+	$(PY) -m pip install -q --no-deps "tf-keras>=2.20"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -q
+	KERAS_BACKEND=jax $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .

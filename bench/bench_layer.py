@@ -1,0 +1,312 @@
+"""Times one training step (forward + backward) of batch normalization.
+
+Compares `keras_bn.BatchNormalization` with its peers in the same process:
+
+* TensorFlow backend: Keras 3's BatchNormalization with XLA on and off, and
+  `tf_keras.layers.BatchNormalization` (fused kernel; `pip install --no-deps
+  tf-keras`), plus ours with XLA off.
+* JAX backend: Keras 3's BatchNormalization, both under `jax.jit`; with
+  `--floor`, the bandwidth floor: 8 passes over the tensor (forward: read x
+  for the statistics, read x and write y; backward: read x and dy for the
+  sums, read x and dy and write dx) at the measured device-to-device copy
+  bandwidth.
+
+A step is: y = layer(x, training=True) with the moving statistics updated,
+and the gradients of <y, dy> w.r.t. x, gamma and beta; y and the gradients
+are all outputs of the step, so no candidate can skip computing y. Reported: median (and
+min) over `--repeats` timed runs of `--inner` steps each, after warm-up.
+
+    KERAS_BACKEND=tensorflow python bench/bench_layer.py            # CPU table
+    KERAS_BACKEND=jax python bench/bench_layer.py
+    KERAS_BACKEND=jax python bench/bench_layer.py --shapes gpu --floor --dtypes float32,bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+PEERS: set[str] = set()
+SHAPES = {
+    "cpu": [((32, 56, 56, 64), -1), ((32, 64, 56, 56), 1), ((256, 1024), -1)],
+    "gpu": [((256, 56, 56, 64), -1), ((256, 14, 14, 512), -1), ((8192, 4096), -1)],
+    "small": [((8, 12, 12, 16), -1), ((8, 16, 12, 12), 1), ((64, 128), -1)],
+}
+
+
+def _time(fn, repeats: int, inner: int, sync) -> tuple[float, float]:
+    for _ in range(3):
+        sync(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn()
+        sync(out)
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times), min(times)
+
+
+def _tf_step(forward, layer, x, dy):
+    """Forward (one compiled function) then backward (its gradient function)."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = forward(x)
+    return y, tape.gradient(y, [x, *layer.trainable_weights], output_gradients=dy)
+
+
+def _tf_candidates(shape, axis, dtype):
+    import keras
+    import tensorflow as tf
+
+    import keras_bn
+
+    x = tf.random.normal(shape, seed=1, dtype=dtype)
+    dy = tf.random.normal(shape, seed=2, dtype=dtype)
+
+    def step_fn(layer, jit):
+        layer.build(shape)
+        forward = tf.function(lambda x: layer(x, training=True), jit_compile=jit)
+        return lambda: _tf_step(forward, layer, x, dy)
+
+    policy = "mixed_bfloat16" if dtype == "bfloat16" else dtype
+    cands = {
+        "keras_bn (XLA)": step_fn(
+            keras_bn.BatchNormalization(axis=axis, dtype=policy), True
+        ),
+        "keras_bn (no XLA)": step_fn(
+            keras_bn.BatchNormalization(axis=axis, dtype=policy), False
+        ),
+        "Keras 3 BN (XLA)": step_fn(
+            keras.layers.BatchNormalization(axis=axis, dtype=policy), True
+        ),
+        "Keras 3 BN (no XLA)": step_fn(
+            keras.layers.BatchNormalization(axis=axis, dtype=policy), False
+        ),
+    }
+    try:
+        import tf_keras
+
+        layer = tf_keras.layers.BatchNormalization(axis=axis)
+        layer.build(tf.TensorShape(shape))
+
+        forward = tf.function(lambda x: layer(x, training=True))
+
+        fused = "fused" if getattr(layer, "fused", False) else "not fused"
+        cands[f"tf_keras BN ({fused})"] = lambda: _tf_step(forward, layer, x, dy)
+    except ImportError:
+        print("tf_keras not installed: pip install --no-deps tf-keras")
+
+    def sync(out):
+        for t in tf.nest.flatten(out):
+            t.numpy()
+
+    return cands, sync, x
+
+
+def _jax_step(f, x, params, dy):
+    """Forward and backward in one executable, ordered as in a network.
+
+    An optimization barrier makes dy available only after y is computed, as
+    when dy comes from later layers; without it XLA may fuse the forward's
+    output pass with the backward's reduction (both read x), which no real
+    network allows.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def step(x, params, dy):
+        (y, aux), vjp = jax.vjp(f, x, params)
+        y, dy = jax.lax.optimization_barrier((y, dy))
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, aux)
+        return y, aux, vjp((dy, zeros))
+
+    return lambda: step(x, params, dy)
+
+
+def _jax_candidates(shape, axis, dtype):
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    import keras_bn
+
+    kx, kd = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, shape, dtype=dtype)
+    dy = jax.random.normal(kd, shape, dtype=dtype)
+    policy = "mixed_bfloat16" if dtype == "bfloat16" else dtype
+
+    def step_fn(layer):
+        layer.build(shape)
+        tv = [v.value for v in layer.trainable_variables]
+        ntv = [v.value for v in layer.non_trainable_variables]
+
+        def f(x, tv):
+            return layer.stateless_call(tv, ntv, x, training=True)
+
+        return _jax_step(f, x, tv, dy)
+
+    cands = {
+        "keras_bn (jit)": step_fn(keras_bn.BatchNormalization(axis=axis, dtype=policy)),
+        "Keras 3 BN (jit)": step_fn(
+            keras.layers.BatchNormalization(axis=axis, dtype=policy)
+        ),
+    }
+
+    if "flax" in PEERS:
+        cands.update(_flax_candidate(shape, axis, dtype, x, dy))
+    if "torch" in PEERS:
+        cands.update(_torch_candidate(shape, axis, dtype))
+
+    def sync(out):
+        if isinstance(out, str):  # torch steps return a tag; sync the device
+            import torch
+
+            torch.cuda.synchronize()
+        else:
+            jax.block_until_ready(out)
+
+    return cands, sync, x
+
+
+def _flax_candidate(shape, axis, dtype, x, dy):
+    try:
+        import flax.linen as nn
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        print("flax not installed: skipping the Flax peer")
+        return {}
+    bn = nn.BatchNorm(
+        use_running_average=False,
+        axis=axis,
+        momentum=0.99,
+        epsilon=1e-3,
+        dtype=jnp.dtype(dtype),
+        param_dtype=jnp.float32,
+    )
+    variables = bn.init(jax.random.PRNGKey(0), x)
+    params, stats = variables["params"], variables["batch_stats"]
+
+    def f(x, p):
+        return bn.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
+
+    return {"Flax linen BN (jit)": _jax_step(f, x, params, dy)}
+
+
+def _torch_candidate(shape, axis, dtype):
+    try:
+        import torch
+    except ImportError:
+        print("torch not installed: skipping the PyTorch peer")
+        return {}
+    if not torch.cuda.is_available():
+        print("torch has no CUDA device: skipping the PyTorch peer")
+        return {}
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    c = shape[axis]
+    if len(shape) == 4:
+        # NHWC data as a channels_last NCHW tensor (what cuDNN's NHWC BN takes).
+        n, h, w = (
+            (shape[0], shape[1], shape[2])
+            if axis == -1
+            else (shape[0], shape[2], shape[3])
+        )
+
+        def make():
+            t = torch.randn(n, c, h, w, device="cuda", dtype=tdtype)
+            return t.to(memory_format=torch.channels_last)
+
+        bn = torch.nn.BatchNorm2d(c, eps=1e-3, momentum=0.01).cuda()
+    else:
+
+        def make():
+            return torch.randn(shape[0], c, device="cuda", dtype=tdtype)
+
+        bn = torch.nn.BatchNorm1d(c, eps=1e-3, momentum=0.01).cuda()
+    x = make().requires_grad_()
+    dy = make()
+
+    def step():
+        x.grad = None
+        bn.zero_grad(set_to_none=True)
+        bn(x).backward(dy)
+        return "torch"
+
+    label = "PyTorch BN (cuDNN, channels_last)" if len(shape) == 4 else "PyTorch BN1d"
+    return {label: step}
+
+
+def _copy_floor(x, repeats, inner):
+    """8 passes over x at the copy bandwidth measured on x itself (JAX, warm).
+
+    The copy is `x + 1` (one read and one write of x, which XLA cannot elide);
+    its best time over the repeats gives the bandwidth, so the floor is the
+    lowest, strictest one.
+    """
+    import jax
+
+    copy = jax.jit(lambda v: v + 1)
+    _, t = _time(lambda: copy(x), repeats, inner, jax.block_until_ready)
+    nbytes = x.size * x.dtype.itemsize
+    bandwidth = 2 * nbytes / t
+    return 8 * nbytes / bandwidth, bandwidth
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="cpu")
+    parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--inner", type=int, default=1)
+    parser.add_argument("--floor", action="store_true", help="JAX: bandwidth floor")
+    parser.add_argument(
+        "--peers", default="", help="JAX: extra peers, comma-separated: flax,torch"
+    )
+    args = parser.parse_args(argv)
+    PEERS.update(p for p in args.peers.split(",") if p)
+
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        make = _tf_candidates
+    elif backend == "jax":
+        make = _jax_candidates
+        import jax
+
+        print(f"devices: {jax.devices()}")
+    else:
+        raise SystemExit(f"unsupported backend {backend!r}")
+    print(
+        f"backend={backend} keras={keras.__version__} machine={platform.machine()} "
+        f"cpus={os.cpu_count()} repeats={args.repeats} inner={args.inner}"
+    )
+    print("| shape | axis | dtype | candidate | median ms | min ms | its time / ours |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype in args.dtypes.split(","):
+        for shape, axis in SHAPES[args.shapes]:
+            cands, sync, x = make(shape, axis, dtype)
+            results = {}
+            for name, fn in cands.items():
+                results[name] = _time(fn, args.repeats, args.inner, sync)
+            if args.floor and backend == "jax":
+                floor, bw = _copy_floor(x, args.repeats, max(args.inner, 10))
+                results[f"floor (8 passes @ {bw / 1e9:.0f} GB/s)"] = (floor, floor)
+            ours = next(v for k, v in results.items() if k.startswith("keras_bn ("))
+            for name, (med, best) in results.items():
+                ratio = med / ours[0]
+                print(
+                    f"| {shape} | {axis} | {dtype} | {name} | {med * 1e3:.3f} | "
+                    f"{best * 1e3:.3f} | {ratio:.2f}x |"
+                )
+
+
+if __name__ == "__main__":
+    main()

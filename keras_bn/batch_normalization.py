@@ -1,0 +1,519 @@
+"""`keras_bn.BatchNormalization`: Keras's layer with a fused, XLA-friendly kernel."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import keras
+from keras import backend, ops
+
+from keras_bn import _fused, _ghost, _kernels
+
+_RENORM_KEYS = ("rmax", "rmin", "dmax")
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _is_traced(x) -> bool:
+    """True inside `tf.function`/`jax.jit` (as in `fit`), False when eager."""
+    if backend.backend() == "jax":
+        import jax
+
+        return isinstance(x, jax.core.Tracer)
+    import tensorflow as tf
+
+    return not tf.executing_eagerly()
+
+
+def _check_unit_interval(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Argument `{name}` must be a float. Received: {name}={value!r}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"Argument `{name}` must be in [0, 1] (the weight kept by the moving "
+            f"average at each step; Keras's default is 0.99). Received: "
+            f"{name}={value}"
+        )
+    return value
+
+
+def _check_virtual_batch_size(value, synchronized: bool, renorm: bool):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            "Argument `virtual_batch_size` must be None or a positive integer (the "
+            f"number of examples per ghost batch). Received: virtual_batch_size="
+            f"{value!r}"
+        )
+    if value < 1:
+        raise ValueError(
+            "Argument `virtual_batch_size` must be a positive integer that divides "
+            f"the batch size. Received: virtual_batch_size={value}"
+        )
+    if synchronized:
+        raise ValueError(
+            "Arguments `virtual_batch_size` and `synchronized=True` cannot be "
+            "combined: ghost batches are sub-batches of each replica's batch. "
+            f"Received: virtual_batch_size={value}, synchronized=True"
+        )
+    if renorm:
+        raise ValueError(
+            "Argument `virtual_batch_size` is not supported with `renorm=True`. "
+            f"Received: virtual_batch_size={value}, renorm=True"
+        )
+    return int(value)
+
+
+def _check_unbiased(value, renorm: bool) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(
+            "Argument `unbiased_variance` must be True or False. Received: "
+            f"unbiased_variance={value!r}"
+        )
+    if value and renorm:
+        raise ValueError(
+            "Argument `unbiased_variance=True` is not supported with "
+            "`renorm=True` (renorm keeps its own moving standard deviations). "
+            "Received: unbiased_variance=True, renorm=True"
+        )
+    return value
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """Batch normalization with a fused training kernel and analytic backward.
+
+    A drop-in replacement for `keras.layers.BatchNormalization`: the same
+    arguments, defaults, weights (in the same order) and inference behaviour,
+    and an instance of it. Training uses a fused kernel (`keras_bn._kernels`)
+    that computes per-channel statistics in one numerically stable pass and
+    back-propagates with the closed-form gradient instead of autodiff through
+    the composite, which XLA (`jit_compile=True` on TensorFlow, `jax.jit`)
+    compiles into few passes over the data.
+
+    During training the layer returns, per channel,
+
+        y = gamma * (x - mean(x)) / sqrt(var(x) + epsilon) + beta
+
+    with the batch statistics, and updates
+
+        moving_mean = momentum * moving_mean + (1 - momentum) * mean(x)
+        moving_variance = momentum * moving_variance + (1 - momentum) * var(x)
+
+    In inference (`training=False`, the default, or a frozen layer with
+    `trainable=False`) it uses `moving_mean` and `moving_variance` instead.
+
+    Where it differs from Keras's layer (documented, tested):
+
+    * A training call whose batch holds a single value per channel raises a
+      `ValueError` when called eagerly (the variance is 0 and meaningless, as
+      PyTorch also reports). Inside a compiled step (as in `model.fit`, whose
+      last batch may hold one example) the layer instead normalizes that batch
+      with the moving statistics, leaves them unchanged, and warns once.
+    * A channel whose batch mean or variance is not finite (NaN or inf in the
+      input) keeps its previous moving statistics, so one bad batch cannot
+      poison inference; the output for that channel is non-finite, as the math
+      says, for the loss to report.
+    * `synchronized=True` is accepted on JAX as well (there, under
+      `keras.distribution.DataParallel`, statistics over a sharded batch are
+      global either way).
+    * Statistics are exact for inputs whose mean is far from zero (the mean
+      1e4 with standard deviation 1 in float32 normalizes to 1e-6).
+
+    Args:
+        axis: Integer, the channel axis (for `Conv2D` with
+            `data_format="channels_first"`, use `axis=1`).
+        momentum: Momentum for the moving average, in [0, 1].
+        epsilon: Non-negative float added to the variance.
+        center: If `True`, add the learned offset `beta`.
+        scale: If `True`, multiply by the learned `gamma`.
+        beta_initializer, gamma_initializer, moving_mean_initializer,
+        moving_variance_initializer: Initializers, as in Keras.
+        beta_regularizer, gamma_regularizer: Optional regularizers.
+        beta_constraint, gamma_constraint: Optional constraints.
+        renorm: Whether to use Batch Renormalization (Ioffe, 2017), exactly as
+            Keras defines it.
+        renorm_clipping: Dict with optional keys `"rmax"`, `"rmin"`, `"dmax"`.
+        renorm_momentum: Momentum of the renorm moving statistics.
+        synchronized: If `True`, statistics (and their gradients) are computed
+            over the global batch across replicas of a `tf.distribute` strategy.
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: Input tensor of any rank.
+        training: Python boolean; `True` normalizes with batch statistics.
+        mask: Optional tensor of shape `inputs.shape[:-1]`; masked positions do
+            not enter the batch statistics (as in Keras).
+
+    Example:
+
+    >>> import keras, keras_bn
+    >>> model = keras.Sequential([
+    ...     keras.Input((784,)),
+    ...     keras.layers.Dense(100, use_bias=False),
+    ...     keras_bn.BatchNormalization(),
+    ...     keras.layers.Activation("sigmoid"),
+    ... ])
+
+    Reference:
+        Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network
+        Training by Reducing Internal Covariate Shift", ICML 2015,
+        https://arxiv.org/abs/1502.03167
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        synchronized=False,
+        virtual_batch_size=None,
+        unbiased_variance=False,
+        **kwargs,
+    ):
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(
+                "Argument `axis` must be an integer (the channel axis, e.g. -1 for "
+                f"channels-last or 1 for channels-first). Received: axis={axis!r}"
+            )
+        momentum = _check_unit_interval("momentum", momentum)
+        renorm_momentum = _check_unit_interval("renorm_momentum", renorm_momentum)
+        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+            raise TypeError(
+                f"Argument `epsilon` must be a float. Received: epsilon={epsilon!r}"
+            )
+        epsilon = float(epsilon)
+        if not epsilon >= 0.0:
+            raise ValueError(
+                "Argument `epsilon` must be a non-negative float (a small value "
+                f"such as 1e-3 keeps the division stable). Received: "
+                f"epsilon={epsilon}"
+            )
+        if renorm_clipping is not None:
+            if not isinstance(renorm_clipping, dict):
+                raise TypeError(
+                    "Argument `renorm_clipping` must be a dict with optional keys "
+                    f"{list(_RENORM_KEYS)}. Received: "
+                    f"renorm_clipping={renorm_clipping!r}"
+                )
+            unknown = sorted(set(renorm_clipping) - set(_RENORM_KEYS))
+            if unknown:
+                raise ValueError(
+                    f"Unknown key(s) {unknown} in argument `renorm_clipping`; "
+                    f"supported keys are {list(_RENORM_KEYS)}. Received: "
+                    f"renorm_clipping={renorm_clipping!r}"
+                )
+        super().__init__(
+            axis=int(axis),
+            momentum=momentum,
+            epsilon=epsilon,
+            center=center,
+            scale=scale,
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+            renorm=renorm,
+            renorm_clipping=renorm_clipping,
+            renorm_momentum=renorm_momentum,
+            synchronized=False,  # Keras refuses True off TensorFlow; we don't.
+            **kwargs,
+        )
+        self.synchronized = bool(synchronized)
+        if renorm and self.renorm_clipping is None:
+            self.renorm_clipping = {}
+        self.virtual_batch_size = _check_virtual_batch_size(
+            virtual_batch_size, self.synchronized, renorm
+        )
+        self.unbiased_variance = _check_unbiased(unbiased_variance, renorm)
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        if not -rank <= self.axis < rank:
+            raise ValueError(
+                f"Argument `axis`={self.axis} is out of range for inputs of rank "
+                f"{rank} (shape {tuple(input_shape)}); use an axis in "
+                f"[{-rank}, {rank - 1}]."
+            )
+        if input_shape[self.axis] is None:
+            raise ValueError(
+                f"The channel dimension (axis={self.axis}) of the input must be "
+                f"known when the layer is built, but the input shape is "
+                f"{tuple(input_shape)}. Give the model an Input with a fixed "
+                "number of channels."
+            )
+        if self.virtual_batch_size is not None and self.axis % rank == 0:
+            raise ValueError(
+                "With `virtual_batch_size`, axis 0 is the batch axis and cannot be "
+                f"the channel axis. Received: axis={self.axis}"
+            )
+        super().build(input_shape)
+        self._channel_axis = self.axis % rank
+
+    # -- call -----------------------------------------------------------------
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+            raise ValueError(
+                "The mask must have one dimension less than the inputs. Received: "
+                f"mask.shape={mask.shape}, inputs.shape={inputs.shape}"
+            )
+        axis = self._channel_axis
+        gamma, beta = self._affine()
+        if not (training and self.trainable):
+            y = _kernels.inference(
+                inputs,
+                self.moving_mean,
+                self.moving_variance,
+                gamma,
+                beta,
+                axis=axis,
+                epsilon=self.epsilon,
+            )
+            return ops.cast(y, self.compute_dtype)
+
+        if self.virtual_batch_size is not None:
+            self._check_ghost_batch(inputs)
+        ok = self._enough_values(inputs)
+        if ok is False:
+            return self.call(inputs, training=False)
+        weights = None
+        if mask is not None:
+            weights = ops.cast(ops.expand_dims(mask, -1), "float32")
+        if ok is True:
+            y, mean, var = self._train(inputs, gamma, beta, weights)
+        else:  # Unknown batch size: decide at run time.
+            y, mean, var = ops.cond(
+                ok,
+                lambda: self._train(inputs, gamma, beta, weights),
+                lambda: (
+                    ops.cast(self.call(inputs, training=False), inputs.dtype),
+                    ops.convert_to_tensor(self.moving_mean),
+                    ops.convert_to_tensor(self.moving_variance),
+                ),
+            )
+        self._update_moving_statistics(mean, var, ok)
+        return ops.cast(y, self.compute_dtype)
+
+    def _affine(self):
+        channels = self.moving_mean.shape[0]
+        gamma = self.gamma if self.scale else ops.ones((channels,), "float32")
+        beta = self.beta if self.center else ops.zeros((channels,), "float32")
+        return ops.cast(gamma, "float32"), ops.cast(beta, "float32")
+
+    def _all_reduce(self):
+        if not (self.synchronized and backend.backend() == "tensorflow"):
+            return None
+        import tensorflow as tf
+
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None or ctx.num_replicas_in_sync == 1:
+            return None
+        return lambda v: ctx.all_reduce(tf.distribute.ReduceOp.SUM, v)
+
+    def _train(self, inputs, gamma, beta, weights):
+        if self.virtual_batch_size is not None:
+            return self._train_ghost(inputs, gamma, beta, weights)
+        all_reduce = self._all_reduce()
+        kw = dict(
+            axis=self._channel_axis,
+            epsilon=self.epsilon,
+            all_reduce=all_reduce,
+            count_epsilon=0.0 if weights is None else backend.epsilon(),
+        )
+        if not self.renorm and all_reduce is not None:
+            # gamma and beta are applied outside the kernel so that their
+            # gradients are this replica's partial sums (the optimizer sums them
+            # over replicas), while the input gradient uses the global sums.
+            xhat, mean, var = _fused.batch_norm_train(
+                inputs, ops.ones_like(gamma), ops.zeros_like(beta), weights, **kw
+            )
+            shape = _kernels.broadcast_shape(len(inputs.shape), kw["axis"], -1)
+            y = ops.cast(xhat, "float32") * ops.reshape(gamma, shape)
+            y = ops.cast(y + ops.reshape(beta, shape), inputs.dtype)
+            return y, mean, self._unbias(var, inputs, weights, kw)
+        if not self.renorm:
+            y, mean, var = _fused.batch_norm_train(inputs, gamma, beta, weights, **kw)
+            return y, mean, self._unbias(var, inputs, weights, kw)
+        ones = ops.ones_like(gamma)
+        xhat, mean, var = _fused.batch_norm_train(
+            inputs, ones, ops.zeros_like(beta), weights, **kw
+        )
+        r, d, mean, var = self._renorm_correction_and_moments(mean, var)
+        r, d = ops.stop_gradient(r), ops.stop_gradient(d)
+        shape = _kernels.broadcast_shape(len(inputs.shape), self._channel_axis, -1)
+        a = ops.reshape(r * gamma, shape)
+        b = ops.reshape(d * gamma + beta, shape)
+        y = ops.cast(ops.cast(xhat, "float32") * a + b, inputs.dtype)
+        return y, mean, var
+
+    def _train_ghost(self, inputs, gamma, beta, weights):
+        k, axis = self.virtual_batch_size, self._channel_axis
+        channels = inputs.shape[axis]
+        static = all(d is not None for d in inputs.shape)
+        if not static:
+            inputs = _assert_divisible(inputs, k)
+        if weights is not None or not static:
+            # The weights path counts values at run time (unknown batch size).
+            w = ops.ones([1] * len(inputs.shape)) if weights is None else weights
+            weights = _ghost.fold(ops.broadcast_to(w, ops.shape(inputs)), axis, k)[0]
+        x, axis = _ghost.fold(inputs, axis, k)
+        groups = ops.shape(inputs)[0] // k
+        kw = dict(
+            axis=axis,
+            epsilon=self.epsilon,
+            count_epsilon=0.0 if weights is None else backend.epsilon(),
+        )
+        y, mean, var = _fused.batch_norm_train(
+            x, _ghost.tile(gamma, groups), _ghost.tile(beta, groups), weights, **kw
+        )
+        var = self._unbias(var, x, weights, kw)
+        y = _ghost.unfold(y, inputs, self._channel_axis, k)
+        mean = _ghost.group_average(mean, channels)
+        return y, mean, _ghost.group_average(var, channels)
+
+    def _check_ghost_batch(self, inputs):
+        k, batch = self.virtual_batch_size, inputs.shape[0]
+        if batch is not None and batch % k:
+            raise ValueError(
+                f"Layer '{self.name}': the batch size {batch} is not divisible by "
+                f"virtual_batch_size={k}. Use a batch size that is a multiple of "
+                f"{k} (e.g. `drop_remainder=True` when batching a tf.data "
+                "dataset)."
+            )
+        dims = [d for i, d in enumerate(inputs.shape[1:], 1) if i != self._channel_axis]
+        if all(d is not None for d in dims) and k * math.prod(dims) == 1:
+            raise ValueError(
+                f"Layer '{self.name}': virtual_batch_size=1 on inputs of shape "
+                f"{tuple(inputs.shape)} leaves a single value per channel in each "
+                "ghost batch (variance 0). Use virtual_batch_size >= 2."
+            )
+
+    def _unbias(self, var, x, weights, kw):
+        """Algorithm 2's `m / (m - 1) * var` for the moving variance, if asked.
+
+        A channel with at most one value gets NaN, so that it is not updated.
+        """
+        if not self.unbiased_variance:
+            return var
+        axes = _kernels.reduction_axes(len(x.shape), kw["axis"])
+        if weights is None:
+            count = ops.cast(ops.size(x), "float32") / x.shape[kw["axis"]]
+            count = ops.ones_like(var) * count
+        else:
+            w = ops.broadcast_to(ops.cast(weights, "float32"), ops.shape(x))
+            count = ops.reshape(ops.sum(w, axis=axes), (-1,))
+        if kw.get("all_reduce") is not None:
+            count = ops.reshape(kw["all_reduce"](ops.reshape(count, (1, -1))), (-1,))
+        safe = ops.maximum(count - 1.0, 1.0)
+        return ops.where(count > 1.0, var * count / safe, float("nan"))
+
+    def _enough_values(self, inputs):
+        """True, False (one value per channel, traced) or a run-time predicate."""
+        dims = [d for i, d in enumerate(inputs.shape) if i != self._channel_axis]
+        if all(d is not None for d in dims):
+            if math.prod(dims) > 1:
+                return True
+            if not _is_traced(inputs):
+                raise ValueError(
+                    f"Layer '{self.name}' got a training batch with a single value "
+                    f"per channel (input shape {tuple(inputs.shape)}, axis="
+                    f"{self.axis}); its batch variance is 0 and meaningless. Use a "
+                    "batch of at least 2 examples, or call it with training=False."
+                )
+            _warn_once(
+                "single",
+                f"keras_bn: layer '{self.name}' got a training batch with a single "
+                "value per channel (typically the last, partial batch of an "
+                "epoch). That batch is normalized with the moving statistics, "
+                "which it does not update.",
+            )
+            return False
+        _warn_once(
+            "dynamic",
+            f"keras_bn: layer '{self.name}' is compiled for an unknown batch size "
+            "(typically for the last, partial batch of an epoch). A batch with a "
+            "single value per channel will be normalized with the moving "
+            "statistics, which it will not update.",
+        )
+        size = ops.size(inputs) // inputs.shape[self._channel_axis]
+        return ops.greater(size, 1)
+
+    def _update_moving_statistics(self, mean, var, ok):
+        finite = ops.logical_and(ops.isfinite(mean), ops.isfinite(var))
+        if ok is not True:
+            finite = ops.logical_and(finite, ok)
+        if self.renorm:
+            self._update_renorm_masked(mean, var, finite)
+            return
+        m = self.momentum
+        old_mean = ops.cast(self.moving_mean, "float32")
+        old_var = ops.cast(self.moving_variance, "float32")
+        self.moving_mean.assign(
+            ops.where(finite, old_mean * m + mean * (1.0 - m), old_mean)
+        )
+        self.moving_variance.assign(
+            ops.where(finite, old_var * m + var * (1.0 - m), old_var)
+        )
+
+    def _update_renorm_masked(self, mean, var, finite):
+        names = ("renorm_mean", "renorm_stddev", "moving_mean", "moving_stddev")
+        # A snapshot: on TensorFlow, convert_to_tensor(variable) is the variable.
+        old = {n: ops.copy(getattr(self, n)) for n in names}
+        old_var = ops.copy(self.moving_variance)
+        self._update_renorm_statistics(mean, var)
+        for n in names:
+            v = getattr(self, n)
+            v.assign(ops.where(finite, ops.convert_to_tensor(v), old[n]))
+        self.moving_variance.assign(
+            ops.where(finite, ops.convert_to_tensor(self.moving_variance), old_var)
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "synchronized": self.synchronized,
+            "virtual_batch_size": self.virtual_batch_size,
+            "unbiased_variance": self.unbiased_variance,
+        }
+
+
+def _assert_divisible(inputs, k: int):
+    """Run-time check of the batch size (TensorFlow, unknown batch size)."""
+    if backend.backend() != "tensorflow":
+        return inputs
+    import tensorflow as tf
+
+    check = tf.debugging.assert_equal(
+        tf.shape(inputs)[0] % k,
+        0,
+        message=f"keras_bn: the batch size is not divisible by virtual_batch_size={k}",
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(inputs)

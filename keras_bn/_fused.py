@@ -36,20 +36,35 @@ def batch_norm_train(
     name = backend.backend()
     if name not in ("tensorflow", "jax"):
         raise NotImplementedError(
-        f"keras_bn supports the 'tensorflow' and 'jax' backends; got {name!r}. "
-        "Set KERAS_BACKEND to one of them before importing keras."
-    )
+            f"keras_bn supports the 'tensorflow' and 'jax' backends; got {name!r}. "
+            "Set KERAS_BACKEND to one of them before importing keras."
+        )
     view = canonical_view(x.shape, axis) if weights is None else None
     if view is not None:
         shape = ops.shape(x)
         x = ops.reshape(x, view)
         axis = 1
-    kw = dict(axis=axis, epsilon=epsilon, all_reduce=all_reduce)
+    kw = dict(axis=axis, epsilon=epsilon, all_reduce=all_reduce, two_pass=_on_cpu())
     train = _tf_train if name == "tensorflow" else _jax_train
     y, mean, var = train(x, scale, offset, weights, count_epsilon, kw)
     if view is not None:
         y = ops.reshape(y, shape)
     return y, mean, var
+
+
+def _bwd_kw(kw):
+    return {k: kw[k] for k in ("axis", "all_reduce", "two_pass")}
+
+
+def _on_cpu() -> bool:
+    """Whether XLA compiles for the CPU (see `_kernels.forward`'s `two_pass`)."""
+    if backend.backend() == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    import tensorflow as tf
+
+    return not tf.config.list_logical_devices("GPU")
 
 
 def canonical_view(shape, axis: int):
@@ -82,9 +97,7 @@ def _tf_train(x, scale, offset, weights, count_epsilon, kw):
         )
 
         def grad(dy, dmean, dvar):
-            return _kernels.backward(
-                res, dy, dmean, dvar, axis=kw["axis"], all_reduce=kw["all_reduce"]
-            )
+            return _kernels.backward(res, dy, dmean, dvar, **_bwd_kw(kw))
 
         return (y, mean, var), grad
 
@@ -110,9 +123,7 @@ def _jax_train(x, scale, offset, weights, count_epsilon, kw):
 
     def bwd(res, cotangents):
         dy, dmean, dvar = cotangents
-        dx, dscale, doffset = _kernels.backward(
-            res, dy, dmean, dvar, axis=kw["axis"], all_reduce=kw["all_reduce"]
-        )
+        dx, dscale, doffset = _kernels.backward(res, dy, dmean, dvar, **_bwd_kw(kw))
         dw = None if res.weights is None else jnp.zeros_like(res.weights)
         return dx, dscale, doffset, dw
 

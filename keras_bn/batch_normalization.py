@@ -34,7 +34,9 @@ def _is_traced(x) -> bool:
 
 def _check_unit_interval(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"Argument `{name}` must be a float. Received: {name}={value!r}")
+        raise TypeError(
+            f"Argument `{name}` must be a float. Received: {name}={value!r}"
+        )
     value = float(value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(
@@ -119,6 +121,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
       PyTorch also reports). Inside a compiled step (as in `model.fit`, whose
       last batch may hold one example) the layer instead normalizes that batch
       with the moving statistics, leaves them unchanged, and warns once.
+      (`model.fit(..., run_eagerly=True)` calls the layer eagerly, so there
+      such a last batch raises: drop it with `drop_remainder=True` or pick a
+      batch size that divides the data set.)
     * A channel whose batch mean or variance is not finite (NaN or inf in the
       input) keeps its previous moving statistics, so one bad batch cannot
       poison inference; the output for that channel is non-finite, as the math
@@ -145,7 +150,28 @@ class BatchNormalization(keras.layers.BatchNormalization):
         renorm_clipping: Dict with optional keys `"rmax"`, `"rmin"`, `"dmax"`.
         renorm_momentum: Momentum of the renorm moving statistics.
         synchronized: If `True`, statistics (and their gradients) are computed
-            over the global batch across replicas of a `tf.distribute` strategy.
+            over the global batch across replicas of a `tf.distribute` strategy
+            (`MirroredStrategy`, `MultiWorkerMirroredStrategy`); with `False`
+            each replica uses its own shard's statistics (and its own copy of
+            the moving statistics; the first replica's is saved). On JAX,
+            under `keras.distribution.DataParallel`, the batch is one sharded
+            array and XLA reduces over all of it, so statistics are global with
+            `True` or `False` (accepted for portability).
+        virtual_batch_size: None (default) or a positive integer `k`: ghost
+            batch normalization (Hoffer et al., 2017) as in tf_keras. Training
+            statistics are computed per ghost batch of `k` examples (ghost
+            batch `g` of a batch of `B` holds examples `g, g + B/k, ...`), and
+            the moving statistics are updated with their average over ghost
+            batches. The batch size must be a multiple of `k`: a `ValueError`
+            when it is known when tracing, an `InvalidArgumentError` at run time
+            on TensorFlow when it is not (e.g. the last partial batch of a
+            `fit` epoch; batch with `drop_remainder=True`). Not combinable with
+            `synchronized=True` or `renorm=True`.
+        unbiased_variance: If `True`, the moving variance is updated with the
+            unbiased batch variance `m / (m - 1) * var` (`m` values per channel,
+            or the mask's count), the population estimate of the paper's
+            Algorithm 2; normalization still uses the batch variance. A channel
+            with `m <= 1` keeps its moving statistics. Default `False`, as Keras.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -300,12 +326,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
         if self.virtual_batch_size is not None:
             self._check_ghost_batch(inputs)
-        ok = self._enough_values(inputs)
-        if ok is False:
-            return self.call(inputs, training=False)
         weights = None
         if mask is not None:
             weights = ops.cast(ops.expand_dims(mask, -1), "float32")
+        if self._all_reduce() is not None:
+            return self._train_synchronized(inputs, gamma, beta, weights)
+        ok = self._enough_values(inputs)
+        if ok is False:
+            return self.call(inputs, training=False)
         if ok is True:
             y, mean, var = self._train(inputs, gamma, beta, weights)
         else:  # Unknown batch size: decide at run time.
@@ -351,8 +379,13 @@ class BatchNormalization(keras.layers.BatchNormalization):
             # gamma and beta are applied outside the kernel so that their
             # gradients are this replica's partial sums (the optimizer sums them
             # over replicas), while the input gradient uses the global sums.
+            # xhat in float32, so a float16 output is rounded once.
             xhat, mean, var = _fused.batch_norm_train(
-                inputs, ops.ones_like(gamma), ops.zeros_like(beta), weights, **kw
+                ops.cast(inputs, "float32"),
+                ops.ones_like(gamma),
+                ops.zeros_like(beta),
+                weights,
+                **kw,
             )
             shape = _kernels.broadcast_shape(len(inputs.shape), kw["axis"], -1)
             y = ops.cast(xhat, "float32") * ops.reshape(gamma, shape)
@@ -362,8 +395,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
             y, mean, var = _fused.batch_norm_train(inputs, gamma, beta, weights, **kw)
             return y, mean, self._unbias(var, inputs, weights, kw)
         ones = ops.ones_like(gamma)
+        # xhat in float32: rounding it to a float16 input's dtype would round y
+        # twice and give gamma a gradient from rounded xhat (unlike Keras).
         xhat, mean, var = _fused.batch_norm_train(
-            inputs, ones, ops.zeros_like(beta), weights, **kw
+            ops.cast(inputs, "float32"), ones, ops.zeros_like(beta), weights, **kw
         )
         r, d, mean, var = self._renorm_correction_and_moments(mean, var)
         r, d = ops.stop_gradient(r), ops.stop_gradient(d)
@@ -372,6 +407,20 @@ class BatchNormalization(keras.layers.BatchNormalization):
         b = ops.reshape(d * gamma + beta, shape)
         y = ops.cast(ops.cast(xhat, "float32") * a + b, inputs.dtype)
         return y, mean, var
+
+    def _train_synchronized(self, inputs, gamma, beta, weights):
+        """Cross-replica training step, without control flow around it.
+
+        tf.distribute refuses cross-replica reductions inside `tf.cond`, and
+        what matters is the global batch: a replica may hold a single example
+        (or, in a last partial batch, none). The moving statistics are left
+        unchanged when the global batch has at most one value per channel.
+        """
+        y, mean, var = self._train(inputs, gamma, beta, weights)
+        size = ops.cast(ops.size(inputs), "float32") / inputs.shape[self._channel_axis]
+        total = self._all_reduce()(ops.reshape(size, (1,)))
+        self._update_moving_statistics(mean, var, ops.greater(total[0], 1.0))
+        return ops.cast(y, self.compute_dtype)
 
     def _train_ghost(self, inputs, gamma, beta, weights):
         k, axis = self.virtual_batch_size, self._channel_axis

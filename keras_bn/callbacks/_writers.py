@@ -1,0 +1,95 @@
+"""CSV and TensorBoard writers shared by the statistics callbacks."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from keras_bn.callbacks._history import is_nan
+
+
+class CsvWriter:
+    """Appends history rows to a CSV file with a header (style of `CSVLogger`).
+
+    Args:
+        path: The file to write; its folder is created if needed. An existing
+            file is overwritten when `append=False`.
+        columns: The header.
+        append: Add to an existing file instead of overwriting it (the header is
+            written only if the file is new or empty).
+    """
+
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str], append=False):
+        path = os.fspath(path)
+        folder = os.path.dirname(path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        has_data = append and os.path.isfile(path) and os.path.getsize(path) > 0
+        self._file = open(path, "a" if append else "w", newline="")  # noqa: SIM115
+        self._writer = csv.writer(self._file)
+        self._columns = tuple(columns)
+        if not has_data:
+            self._writer.writerow(self._columns)
+
+    def write(self, rows: Sequence[dict]) -> None:
+        for row in rows:
+            self._writer.writerow([row[c] for c in self._columns])
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def _import_tf_summary():
+    try:
+        import tensorboard  # noqa: F401 - tf.summary's implementation
+        import tensorflow as tf
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            "TensorBoard logging (`log_dir=...`) writes event files with "
+            "`tf.summary`, which needs TensorFlow and TensorBoard (on any Keras "
+            f"backend; missing: {e.name!r}). pip install tensorflow-cpu "
+            "tensorboard, or pass log_dir=None."
+        ) from e
+    return tf
+
+
+class TensorBoardWriter:
+    """Writes scalars and histograms to TensorBoard event files via `tf.summary`.
+
+    Works on every Keras backend as long as TensorFlow is importable: the values
+    are NumPy arrays computed by the callback, so no tensor crosses backends.
+
+    Args:
+        log_dir: The folder for the event files.
+        prefix: Prepended to every tag, e.g. `"activations"`.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, prefix: str):
+        tf = _import_tf_summary()
+        self._tf = tf
+        self._prefix = prefix
+        with tf.device("/cpu:0"):
+            self._writer = tf.summary.create_file_writer(os.fspath(log_dir))
+
+    def write(self, step: int, scalars: dict, histograms: dict) -> None:
+        """Writes `{tag: float}` scalars and `{tag: array}` histograms at `step`."""
+        tf = self._tf
+        with tf.device("/cpu:0"), self._writer.as_default(step=int(step)):
+            for tag, value in scalars.items():
+                if not is_nan(value):
+                    tf.summary.scalar(f"{self._prefix}/{tag}", float(value))
+            for tag, values in histograms.items():
+                values = np.asarray(values, dtype="float64").ravel()
+                if values.size:
+                    tf.summary.histogram(f"{self._prefix}/{tag}", values)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

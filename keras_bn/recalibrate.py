@@ -1,0 +1,416 @@
+"""Exact population statistics for every batch-normalization layer of a model.
+
+The moving averages that BN keeps during training lag the weights (they mix
+statistics of many past versions of the network). `recalibrate` replaces them
+with the exact mean and variance of each BN layer's input over a data set, as
+the paper prescribes for inference (Ioffe & Szegedy 2015, Algorithm 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import numbers
+import warnings
+
+import keras
+import numpy as np
+
+__all__ = ["LayerRecalibration", "RecalibrationReport", "recalibrate"]
+
+
+@dataclasses.dataclass
+class LayerRecalibration:
+    """How far one BN layer's moving statistics were from the exact ones.
+
+    Attributes:
+        name: The layer's name (with its enclosing model's, if nested).
+        count: Values per channel that entered the statistics.
+        old_mean, old_variance: The moving statistics before recalibration.
+        mean, variance: The exact statistics now stored in the layer.
+        mean_gap: `max |old_mean - mean| / sqrt(variance + epsilon)` over the
+            channels (the error of the old mean, in standard deviations).
+        variance_gap: `max |old_variance - variance| / (variance + epsilon)`.
+    """
+
+    name: str
+    count: float
+    old_mean: np.ndarray
+    old_variance: np.ndarray
+    mean: np.ndarray
+    variance: np.ndarray
+    mean_gap: float
+    variance_gap: float
+
+
+@dataclasses.dataclass
+class RecalibrationReport:
+    """What `recalibrate` returns: one `LayerRecalibration` per BN layer."""
+
+    layers: list
+
+    @property
+    def max_gap(self) -> float:
+        """The largest mean or variance gap over all layers."""
+        return max(max(r.mean_gap, r.variance_gap) for r in self.layers)
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':<40} {'count':>10} {'mean gap':>10} {'var gap':>10}"]
+        for r in self.layers:
+            rows.append(
+                f"{r.name:<40} {r.count:>10.0f} {r.mean_gap:>10.3g} "
+                f"{r.variance_gap:>10.3g}"
+            )
+        return "\n".join(rows)
+
+
+class _Moments:
+    """Per-channel (count, mean, M2) in float64, merged with Chan et al.'s rule."""
+
+    def __init__(self):
+        self.n = self.mean = self.m2 = None
+
+    def add(self, x: np.ndarray, w: np.ndarray | None) -> None:
+        x = x.astype(np.float64)
+        if w is None:
+            n_b = np.full(x.shape[1], float(x.shape[0]))
+            mean_b = x.mean(axis=0) if x.shape[0] else np.zeros(x.shape[1])
+            m2_b = np.square(x - mean_b).sum(axis=0)
+        else:
+            n_b = w.sum(axis=0)
+            mean_b = (w * x).sum(axis=0) / np.maximum(n_b, 1e-300)
+            m2_b = (w * np.square(x - mean_b)).sum(axis=0)
+        if self.n is None:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.n + n_b
+        safe = np.where(n > 0, n, 1.0)
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * n_b / safe
+        self.m2 = self.m2 + m2_b + np.square(delta) * self.n * n_b / safe
+        self.n = n
+
+
+def recalibrate(
+    model: keras.Model,
+    data,
+    steps: int | None = None,
+    *,
+    batch_size: int = 32,
+    unbiased: bool | None = None,
+    verbose: int = 1,
+) -> RecalibrationReport:
+    """Sets every BN layer's moving statistics to their exact values over `data`.
+
+    Semantics: each BN layer gets the exact mean and variance of the input it
+    sees when the model runs in inference mode, with the BN layers before it
+    (in call order) already recalibrated — the statistics that deployment uses.
+    As each layer's input depends on the earlier layers' new statistics, the
+    layers are recalibrated one after the other, one pass over `data` each (a
+    pass stops at the layer being recalibrated when that layer is called once
+    per forward pass). Per-batch moments are merged in float64 on the host with
+    Chan et al.'s parallel rule on `(count, mean, M2)`, so nothing cancels.
+    (PyTorch's `update_bn` instead runs the model in training mode with a
+    cumulative average of the batch statistics: earlier layers then normalize
+    with batch statistics, not with the population statistics used later.)
+
+    Works on `keras_bn.BatchNormalization` and `keras.layers.BatchNormalization`
+    (subclasses included), in Sequential, Functional and subclassed models,
+    nested models included. Only `moving_mean` and `moving_variance` (and, with
+    renorm, `moving_stddev = sqrt(variance + epsilon)`) change; every other
+    weight is untouched. A masked input contributes its unmasked positions
+    only. A BN layer that the forward pass never calls is left as it is (with
+    a warning). The model runs eagerly, batch by batch.
+
+    Args:
+        model: A Keras model containing BN layers.
+        data: The data, as a NumPy array (split into batches of
+            `batch_size`), a `tf.data.Dataset`, a `keras.utils.PyDataset` or
+            any iterable of batches (e.g. a Python generator). A batch that is
+            a tuple `(x, y)` or `(x, y, sample_weight)` contributes `x`.
+            A one-shot iterator (a generator) is read once and its batches are
+            kept in host memory for the later passes.
+        steps: Number of batches to use (all of `data` if None; required for
+            an infinite data set). Must be positive.
+        batch_size: Batch size for NumPy input.
+        unbiased: If True, store the unbiased variance `M2 / (n - 1)`, if
+            False the biased `M2 / n`. The default (None) follows each layer's
+            `unbiased_variance` option (False for Keras's layer).
+        verbose: 1 shows a `keras.utils.Progbar`, 0 is silent.
+
+    Returns:
+        A `RecalibrationReport`: per layer, the old and new statistics and the
+        largest gaps between them (`print(report)` shows a table).
+
+    Example:
+
+    >>> report = keras_bn.recalibrate(model, x_train[:10000])
+    >>> print(report)
+    """
+    bns = _bn_layers(model)
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+            raise TypeError(
+                f"Argument `steps` must be an int or None. Received: {steps!r}"
+            )
+        if steps <= 0:
+            raise ValueError(
+                "Argument `steps` must be a positive number of batches (or None "
+                f"for all of `data`). Received: steps={steps}"
+            )
+    if unbiased is not None and not isinstance(unbiased, bool):
+        raise TypeError(
+            f"Argument `unbiased` must be True, False or None. Received: {unbiased!r}"
+        )
+    batches = _Batches(data, steps, batch_size)
+    order = _call_order(model, bns, batches.first())
+    missing = [layer.name for layer in bns if id(layer) not in order.calls]
+    if missing:
+        warnings.warn(
+            f"keras_bn.recalibrate: BN layer(s) {missing} are not called by the "
+            "model's forward pass and keep their statistics.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    progbar = None
+    if verbose:
+        total = None if batches.length is None else batches.length * len(order.layers)
+        progbar = keras.utils.Progbar(total, unit_name="batch")
+    report = []
+    done = 0
+    for layer in order.layers:
+        moments = _Moments()
+        stop = order.calls[id(layer)] == 1
+        with _Hook(layer, moments, stop):
+            for x in batches:
+                try:
+                    model(x, training=False)
+                except _Stop:
+                    pass
+                done += 1
+                if progbar is not None:
+                    progbar.update(done)
+        report.append(_assign(layer, moments, unbiased, order.names[id(layer)]))
+    return RecalibrationReport(report)
+
+
+def _bn_layers(model) -> list:
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            f"Argument `model` must be a Keras model. Received: {type(model).__name__}"
+        )
+    layers = [model, *model._flatten_layers(include_self=False, recursive=True)]
+    bns = [
+        layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    if not bns:
+        raise ValueError(
+            f"Model '{model.name}' has no BatchNormalization layer to recalibrate."
+        )
+    return bns
+
+
+class _Batches:
+    """Re-iterable batches of model inputs (`x` only) from any supported data."""
+
+    def __init__(self, data, steps, batch_size):
+        self.steps = steps
+        self._cache = None
+        if isinstance(data, np.ndarray):
+            if data.shape[0] == 0:
+                raise ValueError("Argument `data` is empty (0 examples).")
+            n = math.ceil(data.shape[0] / batch_size)
+            self._source = lambda: (
+                data[i * batch_size : (i + 1) * batch_size] for i in range(n)
+            )
+            self.length = n
+        elif isinstance(data, keras.utils.PyDataset):
+            n = data.num_batches
+            self._source = lambda: (data[i] for i in range(n))
+            self.length = n
+        elif _is_tf_dataset(data):
+            import tensorflow as tf
+
+            card = int(data.cardinality())
+            if card == tf.data.INFINITE_CARDINALITY and steps is None:
+                raise ValueError(
+                    "Argument `data` is an infinite tf.data.Dataset; pass `steps`."
+                )
+            self._source = lambda: iter(data)
+            self.length = card if card >= 0 else None
+        elif not hasattr(data, "__iter__"):
+            raise TypeError(
+                "Argument `data` must be a NumPy array, a tf.data.Dataset, a "
+                "keras.utils.PyDataset or an iterable of batches. Received: "
+                f"{type(data).__name__}"
+            )
+        elif inspect.isgenerator(data) or iter(data) is data:
+            self._cache = []
+            self._source = _caching(iter(data), self._cache)
+            self.length = None
+        else:
+            self._source = lambda: iter(data)
+            self.length = len(data) if hasattr(data, "__len__") else None
+        if steps is not None:
+            self.length = steps if self.length is None else min(steps, self.length)
+
+    def first(self):
+        for x in self:
+            return x
+        raise ValueError("Argument `data` is empty: it yielded no batch.")
+
+    def __iter__(self):
+        source = self._source() if self._cache is None else self._replay()
+        count = 0
+        for batch in source:
+            if self.steps is not None and count >= self.steps:
+                break
+            count += 1
+            yield keras.utils.unpack_x_y_sample_weight(_to_numpy(batch))[0]
+        if self.length is None:
+            self.length = count
+
+    def _replay(self):
+        yield from self._cache
+        yield from self._source
+
+
+def _caching(iterator, cache):
+    class _Source:
+        def __iter__(self):
+            for batch in iterator:
+                cache.append(batch)
+                yield batch
+
+    source = _Source()
+    return source
+
+
+def _is_tf_dataset(data) -> bool:
+    module = type(data).__module__
+    if not module.startswith("tensorflow"):
+        return False
+    import tensorflow as tf
+
+    return isinstance(data, tf.data.Dataset)
+
+
+def _to_numpy(batch):
+    def convert(v):
+        return v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else v
+
+    if isinstance(batch, list):
+        batch = tuple(batch)
+    return keras.tree.map_structure(convert, batch)
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the layer being recalibrated has its input."""
+
+
+class _Order:
+    def __init__(self):
+        self.layers, self.calls, self.names = [], {}, {}
+
+
+def _call_order(model, bns, x) -> _Order:
+    """Runs one batch to find the BN layers' call order and call counts."""
+    order = _Order()
+    hooks = []
+    for layer in bns:
+
+        def record(inputs, *args, _layer=layer, _call=layer.call, **kwargs):
+            if id(_layer) not in order.calls:
+                order.layers.append(_layer)
+                order.calls[id(_layer)] = 0
+                order.names[id(_layer)] = (
+                    _layer.path if hasattr(_layer, "path") else _layer.name
+                )
+            order.calls[id(_layer)] += 1
+            return _call(inputs, *args, **kwargs)
+
+        hooks.append(_Patch(layer, record))
+    for hook in hooks:
+        hook.__enter__()
+    try:
+        model(x, training=False)
+    finally:
+        for hook in hooks:
+            hook.__exit__()
+    return order
+
+
+class _Patch:
+    """Temporarily replaces `layer.call` on the instance."""
+
+    def __init__(self, layer, call):
+        self.layer, self.call = layer, call
+
+    def __enter__(self):
+        object.__setattr__(self.layer, "call", self.call)
+        return self
+
+    def __exit__(self, *exc):
+        object.__delattr__(self.layer, "call")
+
+
+class _Hook(_Patch):
+    """Accumulates the moments of `layer`'s input over the forward passes."""
+
+    def __init__(self, layer, moments: _Moments, stop: bool):
+        original = layer.call
+
+        def hooked(inputs, *args, mask=None, **kwargs):
+            x = np.asarray(keras.ops.convert_to_numpy(inputs))
+            axis = layer.axis % x.ndim
+            flat = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+            w = None
+            if mask is not None:
+                m = np.asarray(keras.ops.convert_to_numpy(mask), np.float64)
+                m = np.broadcast_to(m[..., None], x.shape)
+                w = np.moveaxis(m, axis, -1).reshape(-1, x.shape[axis])
+            moments.add(flat, w)
+            if stop:
+                raise _Stop
+            return original(inputs, *args, mask=mask, **kwargs)
+
+        super().__init__(layer, hooked)
+
+
+def _assign(layer, moments: _Moments, unbiased, name) -> LayerRecalibration:
+    if moments.n is None or not np.all(moments.n > 0):
+        raise ValueError(
+            f"Argument `data` gave layer '{layer.name}' no values to compute "
+            "statistics from (empty data, or every position masked)."
+        )
+    if unbiased is None:
+        unbiased = bool(getattr(layer, "unbiased_variance", False))
+    n = moments.n
+    if unbiased and not np.all(n > 1):
+        raise ValueError(
+            f"unbiased=True needs at least 2 values per channel; layer "
+            f"'{layer.name}' got {int(n.min())}."
+        )
+    variance = moments.m2 / (n - 1.0 if unbiased else n)
+    mean = moments.mean
+    old_mean = np.asarray(keras.ops.convert_to_numpy(layer.moving_mean), np.float64)
+    old_var = np.asarray(keras.ops.convert_to_numpy(layer.moving_variance), np.float64)
+    layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
+    layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
+    if getattr(layer, "renorm", False):
+        stddev = np.sqrt(variance + layer.epsilon)
+        layer.moving_stddev.assign(stddev.astype(layer.moving_stddev.dtype))
+    std = np.sqrt(variance + layer.epsilon)
+    return LayerRecalibration(
+        name=name,
+        count=float(n.min()),
+        old_mean=old_mean,
+        old_variance=old_var,
+        mean=mean,
+        variance=variance,
+        mean_gap=float(np.max(np.abs(old_mean - mean) / std)),
+        variance_gap=float(
+            np.max(np.abs(old_var - variance) / (variance + layer.epsilon))
+        ),
+    )

@@ -1,0 +1,319 @@
+"""Tests of `keras_bn.callbacks.ActivationStatistics` (both backends)."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import keras_bn
+from keras_bn.callbacks import SATURATION_THRESHOLDS, ActivationStatistics
+
+# Percentiles are computed in float64 from the float32 probe outputs, so the
+# only difference to the reference is the float32 forward itself (XLA-compiled
+# probe vs. an eager call): rtol 1e-5, with atol 1e-6 for values near zero.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _model(rng, scale=1.0, activation="sigmoid"):
+    """Dense -> BN -> Activation -> Dense -> softmax, with named layers."""
+    inputs = keras.Input((6,))
+    init = keras.initializers.RandomNormal(0.0, scale, seed=int(rng.integers(1e6)))
+    h = keras.layers.Dense(8, use_bias=False, kernel_initializer=init, name="d1")(
+        inputs
+    )
+    h = keras_bn.BatchNormalization(name="bn1")(h)
+    h = keras.layers.Activation(activation, name="act1")(h)
+    h = keras.layers.Dense(8, kernel_initializer=init, name="d2")(h)
+    outputs = keras.layers.Dense(3, activation="softmax", name="out")(h)
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy", jit_compile=True
+    )
+    return model
+
+
+def _data(rng, n=96):
+    x = (3.0 * rng.normal(size=(n, 6))).astype("float32")
+    return x, rng.integers(0, 3, n)
+
+
+def _reference(model, layer, which, probe, unit=None):
+    layer = model.get_layer(layer)
+    tensor = layer.input if which == "input" else layer.output
+    x = keras.ops.convert_to_numpy(keras.Model(model.input, tensor)(probe))
+    x = x.astype("float64")
+    return (x if unit is None else x[..., unit]).ravel()
+
+
+class _Reference(keras.callbacks.Callback):
+    """Placed after the statistics callback: recomputes the percentiles with a
+    separate eager forward whenever that callback has just recorded."""
+
+    def __init__(self, stats, layer, which, probe):
+        super().__init__()
+        self.stats, self.layer, self.which, self.probe = stats, layer, which, probe
+        self.seen = {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.stats._last_recorded == self.stats._step:
+            if hasattr(self.model, "jax_state_sync"):
+                self.model.jax_state_sync()
+            x = _reference(self.model, self.layer, self.which, self.probe)
+            self.seen[self.stats._step] = np.percentile(x, [15, 50, 85])
+
+
+@pytest.mark.parametrize("which", ["input", "output"])
+@pytest.mark.parametrize("unit", [None, 2])
+@pytest.mark.parametrize("percentiles", [(15, 50, 85), (2.5, 97.5)])
+def test_statistics_equal_numpy_on_probe(rng, which, unit, percentiles):
+    model = _model(rng)
+    x, y = _data(rng)
+    probe = x[:40]
+    stats = ActivationStatistics(
+        ["act1", "d2"],
+        probe_data=probe,
+        percentiles=percentiles,
+        every_n_batches=2,
+        tensor=which,
+        unit=unit,
+    )
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
+    d = stats.history.as_dict()
+    for layer in ("act1", "d2"):
+        ref = _reference(model, layer, which, probe, unit)
+        i = max(j for j, name in enumerate(d["layer"]) if name == layer)
+        assert d["step"][i] == 6
+        got = [d[f"p{q:g}"][i] for q in percentiles]
+        np.testing.assert_allclose(got, np.percentile(ref, percentiles), RTOL, ATOL)
+        np.testing.assert_allclose(d["mean"][i], ref.mean(), RTOL, ATOL)
+        np.testing.assert_allclose(d["std"][i], ref.std(), RTOL, ATOL)
+
+
+def test_mid_training_records_read_current_weights(rng):
+    """On JAX the weights live in the trainer's state during fit; each record
+    must see the weights after that very step (not stale or initial ones)."""
+    model = _model(rng)
+    x, y = _data(rng)
+    stats = ActivationStatistics("act1", probe_data=x[:32], every_n_batches=1)
+    ref = _Reference(stats, "act1", "input", x[:32])
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[stats, ref], verbose=0)
+    d = stats.history.as_dict()
+    assert d["step"] == list(range(13))
+    assert sorted(ref.seen) == list(range(1, 13))
+    for step, expected in ref.seen.items():
+        got = [d[k][step] for k in ("p15", "p50", "p85")]
+        np.testing.assert_allclose(got, expected, RTOL, ATOL)
+    # SGD at lr 0.5 moves the weights at every step, so records must differ.
+    assert len(set(d["p50"])) == len(d["p50"])
+
+
+@pytest.mark.parametrize(
+    "steps_per_execution, expected_steps",
+    # 6 batches per epoch. With 4 per execution they end at steps 4, 6, 10, 12:
+    # the record due at 8 lands on the first execution end past it, 10.
+    [(1, [0, 4, 8, 12]), (2, [0, 4, 8, 12]), (4, [0, 4, 10, 12])],
+)
+def test_schedule_history_columns_and_reset(rng, steps_per_execution, expected_steps):
+    model = _model(rng)
+    model.compile(
+        keras.optimizers.SGD(0.1),
+        "sparse_categorical_crossentropy",
+        jit_compile=True,
+        steps_per_execution=steps_per_execution,
+    )
+    x, y = _data(rng)  # 96 / 16 = 6 batches per epoch
+    stats = ActivationStatistics(
+        ["act1", "d2"], probe_data=(x[:8], y[:8]), every_n_batches=4
+    )
+    for _ in range(2):  # the second fit must start a fresh history
+        model.fit(x, y, batch_size=16, epochs=2, callbacks=[stats], verbose=0)
+        d = stats.history.as_dict()
+        assert list(d) == [
+            "step",
+            "epoch",
+            "layer",
+            "tensor",
+            "p15",
+            "p50",
+            "p85",
+            "mean",
+            "std",
+            "saturated",
+        ]
+        assert d["step"][::2] == expected_steps
+        assert d["epoch"][::2] == [0, 0, 1, 1]
+        assert d["layer"] == ["act1", "d2"] * 4
+        assert d["tensor"] == ["input"] * 8
+        assert len(stats.history) == 8
+        assert stats.history.series("d2", "step")[0] == expected_steps
+    frame = stats.history.to_dataframe()
+    assert frame.shape == (8, 10)
+
+
+@pytest.mark.parametrize(
+    "activation, setting, threshold",
+    [
+        ("sigmoid", "auto", SATURATION_THRESHOLDS["sigmoid"]),
+        ("tanh", "auto", SATURATION_THRESHOLDS["tanh"]),
+        ("relu", "auto", None),
+        ("relu", 1.5, 1.5),
+        ("sigmoid", None, None),
+    ],
+)
+def test_saturation_fraction(rng, activation, setting, threshold):
+    model = _model(rng, scale=2.0, activation=activation)  # large inputs
+    x, y = _data(rng)
+    stats = ActivationStatistics(
+        ["act1", "d1"],
+        probe_data=x[:64],
+        every_n_batches=3,
+        saturation_threshold=setting,
+    )
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
+    rows = stats.history.rows()
+    last = {r["layer"]: r for r in rows if r["step"] == 6}
+    ref = _reference(model, "act1", "input", x[:64])
+    if threshold is None:
+        assert math.isnan(last["act1"]["saturated"])
+    else:
+        expected = np.mean(np.abs(ref) > threshold)
+        assert 0.0 < expected < 1.0  # the check below is not vacuous
+        assert last["act1"]["saturated"] == pytest.approx(expected, abs=0)
+    d1_saturated = last["d1"]["saturated"]
+    assert math.isnan(d1_saturated) == (setting in ("auto", None))
+
+
+def test_csv_written_and_files_closed(rng, tmp_path):
+    model = _model(rng)
+    x, y = _data(rng)
+    path = tmp_path / "sub" / "act.csv"
+    stats = ActivationStatistics(
+        "act1", probe_data=x[:16], every_n_batches=2, csv_path=path
+    )
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
+    assert stats._csv is None  # closed in on_train_end
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    d = stats.history.as_dict()
+    assert list(rows[0]) == list(d)
+    assert [int(r["step"]) for r in rows] == d["step"] == [0, 2, 4, 6]
+    np.testing.assert_allclose([float(r["p50"]) for r in rows], d["p50"], rtol=1e-12)
+
+
+def _read_events(log_dir):
+    import tensorflow as tf
+
+    scalars, histograms = {}, set()
+    for path in sorted(log_dir.rglob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor)
+                if array.ndim == 0:
+                    scalars[(value.tag, event.step)] = float(array)
+                else:
+                    histograms.add((value.tag, event.step))
+    return scalars, histograms
+
+
+def test_tensorboard_events_readable(rng, tmp_path):
+    pytest.importorskip("tensorflow", reason="tf.summary writes the event files")
+    pytest.importorskip("tensorboard", reason="tf.summary needs tensorboard")
+    model = _model(rng)
+    x, y = _data(rng)
+    stats = ActivationStatistics(
+        "act1", probe_data=x[:16], every_n_batches=3, log_dir=tmp_path
+    )
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
+    assert stats._tb is None  # closed in on_train_end
+    scalars, histograms = _read_events(tmp_path)
+    d = stats.history.as_dict()
+    for step, p50, std in zip(d["step"], d["p50"], d["std"], strict=True):
+        assert scalars[("activations/act1/input/p50", step)] == pytest.approx(
+            p50, rel=1e-6
+        )
+        assert scalars[("activations/act1/input/std", step)] == pytest.approx(
+            std, rel=1e-6
+        )
+        assert ("activations/act1/input", step) in histograms
+
+
+def test_plot_writes_png(rng, tmp_path):
+    pytest.importorskip("matplotlib")
+    model = _model(rng)
+    x, y = _data(rng)
+    stats = ActivationStatistics(["act1", "d2"], probe_data=x[:16], every_n_batches=2)
+    with pytest.raises(ValueError, match="history is empty"):
+        stats.plot(tmp_path / "empty.png")
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
+    path = stats.plot(tmp_path / "bands.png", title="t")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="Unknown layers"):
+        stats.plot(tmp_path / "x.png", layers=["nope"])
+
+
+def test_sequential_model_and_layer_objects(rng):
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(5, name="a"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.Activation("tanh", name="t"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.compile("sgd", "sparse_categorical_crossentropy", jit_compile=True)
+    x, y = _data(rng)
+    stats = ActivationStatistics(
+        [model.get_layer("t"), ("a", "output")], probe_data=x[:32], every_n_batches=6
+    )
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
+    d = stats.history.as_dict()
+    assert d["tensor"] == ["input", "output"] * 2
+    sub = keras.Model(model.inputs[0], model.get_layer("t").input)
+    ref = np.asarray(sub(x[:32]), dtype="float64")
+    np.testing.assert_allclose(d["p85"][2], np.percentile(ref, 85), RTOL, ATOL)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"probe_data": None}, ValueError, "probe_data` is required"),
+        ({"probe_data": np.zeros((0, 6))}, ValueError, "at least one example"),
+        ({"percentiles": ()}, ValueError, "percentiles"),
+        ({"percentiles": (50, 101)}, ValueError, r"percentiles=\(50, 101\)"),
+        ({"percentiles": (50, 50)}, ValueError, "distinct"),
+        ({"every_n_batches": 0}, ValueError, "every_n_batches=0"),
+        ({"every_n_batches": 2.5}, ValueError, "every_n_batches=2.5"),
+        ({"tensor": "middle"}, ValueError, "tensor='middle'"),
+        ({"unit": 1.5}, TypeError, "unit=1.5"),
+        ({"saturation_threshold": -1.0}, ValueError, "saturation_threshold=-1.0"),
+        ({"training": "yes"}, TypeError, "training='yes'"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    args = {"layers": "act1", "probe_data": np.zeros((4, 6), "float32"), **kwargs}
+    with pytest.raises(error, match=match):
+        ActivationStatistics(**args)
+
+
+@pytest.mark.parametrize(
+    "layers, kwargs, match",
+    [
+        ("nope", {}, r"Unknown layer name 'nope'.*'act1'"),
+        (["act1", "act1"], {}, "more than once"),
+        ([], {}, "non-empty"),
+        ([keras.layers.Dense(2, name="stranger")], {}, "not a top-level layer"),
+        ("act1", {"unit": 8}, "out of range"),
+    ],
+)
+def test_bad_layers_raise_at_train_begin(rng, layers, kwargs, match):
+    model = _model(rng)
+    x, y = _data(rng, 16)
+    stats = ActivationStatistics(layers, probe_data=x, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)

@@ -1,0 +1,197 @@
+"""Tests for converters.export.export_onnx (TensorFlow backend only)."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_bn
+
+L = keras.layers
+RTOL = 1e-5  # max|onnx - keras| / max|keras| per output
+TF_ONLY = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="ONNX export uses tf2onnx: TensorFlow backend only",
+)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(3)
+
+
+def randomize_bn(model, rng):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            randomize_bn(layer, rng)
+        elif isinstance(layer, L.BatchNormalization):
+            c = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(size=c))
+            layer.moving_variance.assign(rng.uniform(0.3, 3.0, size=c))
+            layer.gamma.assign(rng.normal(size=c))
+            layer.beta.assign(rng.normal(size=c))
+
+
+def _weights(model):
+    return [np.array(w) for w in model.get_weights()]
+
+
+MODELS = {
+    "dense": lambda: keras.Sequential(
+        [
+            keras.Input((6,)),
+            L.Dense(8, use_bias=False),
+            keras_bn.BatchNormalization(),
+            L.ReLU(),
+            L.Dense(3),
+        ]
+    ),
+    "conv2d": lambda: keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            L.Conv2D(4, 3),
+            L.BatchNormalization(),
+            L.ReLU(),
+            L.Conv2DTranspose(3, 3, strides=2),
+            L.BatchNormalization(),
+        ]
+    ),
+    "conv1d_separable": lambda: keras.Sequential(
+        [
+            keras.Input((12, 3)),
+            L.Conv1D(4, 3, use_bias=False),
+            L.BatchNormalization(),
+            L.SeparableConv1D(5, 3),
+            L.BatchNormalization(),
+            L.GlobalAveragePooling1D(),
+        ]
+    ),
+}
+
+
+@TF_ONLY
+@pytest.mark.parametrize("name", list(MODELS))
+def test_export_parity_and_node_counts(rng, tmp_path, name):
+    import onnx
+    import onnxruntime as ort
+
+    model = MODELS[name]()
+    randomize_bn(model, rng)
+    before = _weights(model)
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, path)
+    for a, b in zip(before, _weights(model), strict=True):  # input unchanged
+        np.testing.assert_array_equal(a, b)
+    assert report.max_rel_error <= RTOL
+    assert report.fold_report.num_kept == 0
+    after = report.nodes_after
+    assert "BatchNormalization" not in after and "Mul" not in after
+    assert report.nodes_before.get("Mul", 0) >= 1  # tf2onnx keeps BN as Mul/Add
+    proto = onnx.load(str(path))
+    assert os.path.getsize(path) == report.file_size
+    # Independent check: run the written file on fresh inputs.
+    x = rng.normal(size=(5, *model.inputs[0].shape[1:])).astype("float32")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {proto.graph.input[0].name: x})
+    ref = np.asarray(model(x, training=False))
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= RTOL
+
+
+@TF_ONLY
+def test_kept_bn_is_one_mul_add_and_multi_io(rng, tmp_path):
+    a, b = keras.Input((4,), name="a"), keras.Input((5, 5, 2), name="b")
+    h = L.BatchNormalization()(L.ReLU()(a))  # kept: one Mul + one Add
+    k = L.Flatten()(L.BatchNormalization()(L.Conv2D(3, 3)(b)))
+    model = keras.Model([a, b], [L.Dense(2)(L.Concatenate()([h, k])), h])
+    randomize_bn(model, rng)
+    report = export_onnx(model, tmp_path / "m.onnx", samples=3)
+    assert len(report.parity) == 2 and report.max_rel_error <= RTOL
+    assert report.nodes_after.get("Mul", 0) == 1
+    assert report.fold_report.num_kept == 1
+
+
+@TF_ONLY
+def test_explicit_signature_and_inputs(rng, tmp_path):
+    import tensorflow as tf
+
+    model = MODELS["dense"]()
+    randomize_bn(model, rng)
+    spec = [tf.TensorSpec((4, 6), tf.float32, name="features")]
+    x = rng.normal(size=(4, 6)).astype("float32") * 10.0
+    report = export_onnx(model, tmp_path / "m.onnx", input_signature=spec, inputs=[x])
+    assert report.max_rel_error <= RTOL
+    import onnx
+
+    (inp,) = onnx.load(str(tmp_path / "m.onnx")).graph.input
+    assert inp.name == "features"
+    assert [d.dim_value for d in inp.type.tensor_type.shape.dim] == [4, 6]
+
+
+@TF_ONLY
+def test_integer_inputs(rng, tmp_path):
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            L.Embedding(10, 4),
+            L.Flatten(),
+            L.Dense(6),
+            L.BatchNormalization(),
+        ]
+    )
+    randomize_bn(model, rng)
+    report = export_onnx(model, tmp_path / "m.onnx")
+    assert report.max_rel_error <= RTOL and report.fold_report.num_folded == 1
+    # The gather's index handling has its own Mul; the BN's is gone.
+    assert report.nodes_after["Mul"] == report.nodes_before["Mul"] - 1
+
+
+@TF_ONLY
+def test_no_fold_baseline_and_overwrite(rng, tmp_path):
+    model = MODELS["dense"]()
+    randomize_bn(model, rng)
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, path, fold=False)
+    assert report.fold_report is None and report.nodes_after.get("Mul", 0) == 1
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_onnx(model, path)
+    report = export_onnx(model, path, overwrite=True)
+    assert "Mul" not in report.nodes_after
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]  # no temp file left
+
+
+@TF_ONLY
+def test_parity_failure_raises_and_writes_nothing(rng, tmp_path):
+    from converters import ParityError
+
+    model = MODELS["dense"]()
+    randomize_bn(model, rng)
+    with pytest.raises(ParityError, match="rtol=0") as info:
+        export_onnx(model, tmp_path / "m.onnx", rtol=0.0)
+    assert info.value.report.max_rel_error > 0
+    assert os.listdir(tmp_path) == []
+
+
+@TF_ONLY
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(opset=7), ValueError, "opset"),
+        (dict(samples=0), ValueError, "samples"),
+    ],
+)
+def test_bad_arguments(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        export_onnx(MODELS["dense"](), tmp_path / "m.onnx", **kwargs)
+
+
+@pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="non-TF only")
+def test_other_backend_says_how(tmp_path):
+    with pytest.raises(RuntimeError, match="KERAS_BACKEND=tensorflow"):
+        export_onnx(MODELS["dense"](), tmp_path / "m.onnx")
+
+
+def export_onnx(*args, **kwargs):
+    from converters import export_onnx as fn
+
+    return fn(*args, **kwargs)

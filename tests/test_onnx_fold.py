@@ -1,0 +1,269 @@
+"""Tests for converters.onnx_fold.fold_onnx on graphs built with onnx.helper."""
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx", reason="pip install onnx")
+ort = pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from converters.onnx_fold import fold_onnx  # noqa: E402
+
+RTOL = 1e-5  # max|folded - original| / max|original|, float32 ONNX Runtime
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+def _init(name, a):
+    return numpy_helper.from_array(np.asarray(a, np.float32), name)
+
+
+def _bn_inits(rng, c, prefix="bn"):
+    return [
+        _init(f"{prefix}_g", rng.normal(size=c)),
+        _init(f"{prefix}_b", rng.normal(size=c)),
+        _init(f"{prefix}_m", rng.normal(size=c)),
+        _init(f"{prefix}_v", rng.uniform(0.3, 3, size=c)),
+    ]
+
+
+def _bn_node(x, y, prefix="bn"):
+    ins = [x] + [f"{prefix}_{k}" for k in "gbmv"]
+    return helper.make_node("BatchNormalization", ins, [y], name=prefix, epsilon=1e-3)
+
+
+def _model(nodes, inits, in_shape, out_shape, extra_outputs=()):
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)]
+    outs += [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, out_shape)
+        for n in extra_outputs
+    ]
+    graph = helper.make_graph(nodes, "g", [inp], outs, inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def _run(model, x):
+    sess = ort.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    return sess.run(None, {"x": x})
+
+
+def _ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+def _check(model, x):
+    before = model.SerializeToString()
+    folded, report = fold_onnx(model)
+    assert model.SerializeToString() == before  # input unchanged
+    for a, b in zip(_run(folded, x), _run(model, x), strict=True):
+        assert np.abs(a - b).max() / np.abs(b).max() <= RTOL
+    return folded, report
+
+
+def _conv_bn(rng, op, bias, group=1):
+    c_in, c_out = 4, 6
+    if op == "Conv":
+        w = rng.normal(size=(c_out, c_in // group, 3, 3))
+    else:
+        w = rng.normal(size=(c_in, c_out, 3, 3))
+    inits = [_init("w", w), *_bn_inits(rng, c_out)]
+    ins = ["x", "w"]
+    if bias:
+        inits.append(_init("b", rng.normal(size=c_out)))
+        ins.append("b")
+    attrs = {"group": group} if group > 1 else {}
+    nodes = [helper.make_node(op, ins, ["h"], name="lin", **attrs), _bn_node("h", "y")]
+    return _model(nodes, inits, [2, c_in, 6, 6], ["N", "C", "H", "W"])
+
+
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bn_into_conv(rng, op, bias):
+    model = _conv_bn(rng, op, bias, group=2 if op == "Conv" else 1)
+    x = rng.normal(size=(2, 4, 6, 6)).astype("float32")
+    folded, report = _check(model, x)
+    assert _ops(folded) == [op]
+    assert report.records[0].action == "folded_into_preceding"
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bn_into_gemm(rng, trans_b, bias):
+    w = rng.normal(size=(6, 5) if trans_b else (5, 6))
+    inits = [_init("w", w), *_bn_inits(rng, 6)]
+    ins = ["x", "w"] + (["c"] if bias else [])
+    if bias:
+        inits.append(_init("c", rng.normal(size=(1, 6))))
+    gemm = helper.make_node("Gemm", ins, ["h"], transB=trans_b, alpha=0.5, beta=2.0)
+    model = _model([gemm, _bn_node("h", "y")], inits, [3, 5], [3, 6])
+    folded, _ = _check(model, rng.normal(size=(3, 5)).astype("float32"))
+    assert _ops(folded) == ["Gemm"]
+
+
+def test_gemm_with_full_c_is_kept(rng):
+    inits = [
+        _init("w", rng.normal(size=(5, 6))),
+        _init("c", rng.normal(size=(3, 6))),  # per-row C: not a bias
+        *_bn_inits(rng, 6),
+    ]
+    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["h"]), _bn_node("h", "y")]
+    model = _model(nodes, inits, [3, 5], [3, 6])
+    folded, report = _check(model, rng.normal(size=(3, 5)).astype("float32"))
+    assert _ops(folded) == ["Gemm", "Mul", "Add"]
+    assert "C input of shape (3, 6)" in report.records[0].reason
+
+
+def test_keras_style_matmul_add_mul_add(rng):
+    """What tf2onnx makes of Dense + BN: MatMul, Add(bias), Mul, Add."""
+    inits = [
+        _init("w", rng.normal(size=(5, 6))),
+        _init("b", rng.normal(size=6)),
+        _init("s", rng.normal(size=6)),
+        _init("t", rng.normal(size=(1, 6))),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h0"]),
+        helper.make_node("Add", ["h0", "b"], ["h1"]),
+        helper.make_node("Mul", ["h1", "s"], ["h2"]),
+        helper.make_node("Add", ["t", "h2"], ["y"]),
+    ]
+    model = _model(nodes, inits, [3, 5], [3, 6])
+    folded, report = _check(model, rng.normal(size=(3, 5)).astype("float32"))
+    assert _ops(folded) == ["MatMul", "Add"]
+    assert report.num_folded == 2
+
+
+def test_bn_after_matmul_without_bias_keeps_one_add(rng):
+    inits = [_init("w", rng.normal(size=(5, 6))), *_bn_inits(rng, 6)]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), _bn_node("h", "y")]
+    model = _model(nodes, inits, [3, 5], [3, 6])
+    folded, _ = _check(model, rng.normal(size=(3, 5)).astype("float32"))
+    assert _ops(folded) == ["MatMul", "Add"]
+
+
+@pytest.mark.parametrize("case", ["relu_before", "shared_output", "not_per_channel"])
+def test_kept(rng, case):
+    c = 4
+    inits = [_init("w", rng.normal(size=(c, c, 1, 1))), *_bn_inits(rng, c)]
+    extra = ()
+    if case == "relu_before":
+        nodes = [helper.make_node("Relu", ["x"], ["h"]), _bn_node("h", "y")]
+    elif case == "shared_output":
+        nodes = [helper.make_node("Conv", ["x", "w"], ["h"]), _bn_node("h", "y")]
+        extra = ("h",)
+    else:  # a Mul by a spatial (not per-channel) constant
+        inits.append(_init("s", rng.normal(size=(1, 1, 5, 5))))
+        nodes = [
+            helper.make_node("Conv", ["x", "w"], ["h"]),
+            helper.make_node("Mul", ["h", "s"], ["y"]),
+        ]
+    model = _model(nodes, inits, [2, c, 5, 5], ["N", "C", "H", "W"], extra)
+    folded, report = _check(model, rng.normal(size=(2, c, 5, 5)).astype("float32"))
+    if case == "not_per_channel":
+        assert _ops(folded) == ["Conv", "Mul"] and not report.records
+    else:
+        assert "BatchNormalization" not in _ops(folded)
+        assert _ops(folded)[-2:] == ["Mul", "Add"]
+        assert report.records[0].action == "kept_as_scale_shift"
+
+
+def test_rejects_non_model():
+    with pytest.raises(TypeError, match="onnx.ModelProto"):
+        fold_onnx("model.onnx")
+
+
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+def test_cross_check_onnxoptimizer(rng, op):
+    onnxoptimizer = pytest.importorskip(
+        "onnxoptimizer", reason="onnxoptimizer not installed: pip install onnxoptimizer"
+    )
+    model = _conv_bn(rng, op, bias=True)
+    x = rng.normal(size=(2, 4, 6, 6)).astype("float32")
+    ours, _ = fold_onnx(model)
+    theirs = onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])
+    (a,), (b,) = _run(ours, x), _run(theirs, x)
+    assert np.abs(a - b).max() / np.abs(b).max() <= RTOL
+    assert _ops(ours) == [op]
+    if op == "Conv":  # onnxoptimizer fuses BN into Conv only, computing the
+        # fused weights in the graph (nodes on initializers) at run time
+        assert "BatchNormalization" not in _ops(theirs)
+        assert _ops(theirs).count("Conv") == 1
+    else:
+        assert "BatchNormalization" in _ops(theirs)
+
+
+def _keras_models():
+    import keras
+
+    L = keras.layers
+    return {
+        "dense": lambda: keras.Sequential(
+            [
+                keras.Input((6,)),
+                L.Dense(8),
+                L.BatchNormalization(),
+                L.ReLU(),
+                L.Dense(8, use_bias=False),
+                L.BatchNormalization(),
+                L.Dense(3),
+            ]
+        ),
+        "conv1d": lambda: keras.Sequential(
+            [
+                keras.Input((10, 3)),
+                L.Conv1D(8, 3),
+                L.BatchNormalization(),
+                L.ReLU(),
+                L.Conv1D(8, 3, use_bias=False),
+                L.BatchNormalization(),
+            ]
+        ),
+        "conv2d_transpose": lambda: keras.Sequential(
+            [
+                keras.Input((5, 5, 3)),
+                L.Conv2DTranspose(8, 3, strides=2),
+                L.BatchNormalization(),
+                L.ReLU(),
+            ]
+        ),
+    }
+
+
+@pytest.mark.skipif(
+    __import__("keras").backend.backend() != "tensorflow",
+    reason="tf2onnx export: TensorFlow backend only",
+)
+@pytest.mark.parametrize("name", ["dense", "conv1d", "conv2d_transpose"])
+def test_folds_keras_own_unfolded_export(rng, tmp_path, name):
+    """Keras's `model.export(format="onnx")` leaves each BN as Mul and Add."""
+    import keras
+
+    model = _keras_models()[name]()
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            for v in (layer.moving_mean, layer.gamma, layer.beta):
+                v.assign(rng.normal(size=8))
+            layer.moving_variance.assign(rng.uniform(0.3, 3.0, size=8))
+    x = rng.normal(size=(5, *model.inputs[0].shape[1:])).astype("float32")
+    ref = np.asarray(model(x, training=False))  # Keras's export needs a call
+    path = tmp_path / "keras.onnx"
+    model.export(str(path), format="onnx", verbose=False)
+    original = onnx.load(str(path))
+    assert "Mul" in _ops(original)
+    folded, report = fold_onnx(original)
+    assert "Mul" not in _ops(folded) and "BatchNormalization" not in _ops(folded)
+    assert report.num_kept == 0 and report.num_folded >= 2
+    sess = ort.InferenceSession(
+        folded.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    (got,) = sess.run(None, {folded.graph.input[0].name: x})
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= RTOL

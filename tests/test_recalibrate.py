@@ -1,0 +1,276 @@
+"""`keras_bn.recalibrate`: exact population statistics, against NumPy.
+
+Reference: the model is recomputed layer by layer in float64 NumPy, in
+inference mode, each BN using the reference statistics of the BN layers before
+it. Tolerance (float32 model, float32 storage, vs float64): variance
+`rtol=1e-6`; mean `|mean - ref| <= 1e-6 * (|ref| + std_ref)`, i.e. 1e-6
+relative with the channel's standard deviation as the scale near zero.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from harness import to_numpy
+
+import keras_bn
+from keras_bn.recalibrate import RecalibrationReport, recalibrate
+
+EPS = 1e-3
+
+
+def make_model(rng):
+    """BN (ours) -> Dense -> [nested: Dense -> Keras BN] -> ReLU -> Dense -> BN."""
+    inner = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(4),
+            keras.layers.BatchNormalization(name="bn_inner"),
+        ],
+        name="inner",
+    )
+    inp = keras.Input((6,))
+    h = keras_bn.BatchNormalization(name="bn_first")(inp)
+    h = inner(keras.layers.Dense(5)(h))
+    h = keras.layers.Dense(3)(keras.layers.ReLU()(h))
+    out = keras_bn.BatchNormalization(name="bn_last")(h)
+    model = keras.Model(inp, out)
+    # Non-trivial weights and moving statistics, as after some training.
+    for layer in [
+        model.get_layer("bn_first"),
+        inner.layers[1],
+        model.get_layer("bn_last"),
+    ]:
+        c = layer.moving_mean.shape[0]
+        layer.gamma.assign(rng.uniform(0.5, 2.0, c).astype("float32"))
+        layer.beta.assign(rng.normal(size=c).astype("float32"))
+        layer.moving_mean.assign(rng.normal(size=c).astype("float32"))
+        layer.moving_variance.assign(rng.uniform(0.5, 2.0, c).astype("float32"))
+    return model, inner
+
+
+def reference(model, inner, x, ddof=0):
+    """Float64 per-layer (mean, var) of each BN's inference-mode input."""
+
+    def w(layer):
+        return [to_numpy(v) for v in layer.weights]
+
+    def bn(h, layer):
+        mean, var = h.mean(0), h.var(0, ddof=ddof)
+        gamma, beta = to_numpy(layer.gamma), to_numpy(layer.beta)
+        return (h - mean) / np.sqrt(var + EPS) * gamma + beta, (mean, var)
+
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    h, s1 = bn(np.asarray(x, np.float64), model.get_layer("bn_first"))
+    k, b = w(dense[0])
+    h = h @ k + b
+    k, b = w(inner.layers[0])
+    h, s2 = bn(h @ k + b, inner.layers[1])
+    k, b = w(dense[1])
+    _, s3 = bn(np.maximum(h, 0.0) @ k + b, model.get_layer("bn_last"))
+    return [s1, s2, s3]
+
+
+def assert_stats(layer, mean, var):
+    std = np.sqrt(var)
+    got_mean, got_var = to_numpy(layer.moving_mean), to_numpy(layer.moving_variance)
+    assert np.all(np.abs(got_mean - mean) <= 1e-6 * (np.abs(mean) + std)), (
+        layer.name,
+        got_mean,
+        mean,
+    )
+    np.testing.assert_allclose(got_var, var, rtol=1e-6, err_msg=layer.name)
+
+
+def bn_layers(model, inner):
+    return [model.get_layer("bn_first"), inner.layers[1], model.get_layer("bn_last")]
+
+
+class Batches(keras.utils.PyDataset):
+    def __init__(self, x, batch_size):
+        super().__init__()
+        self.x, self.batch_size = x, batch_size
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, i):
+        xb = self.x[i * self.batch_size : (i + 1) * self.batch_size]
+        return xb, np.zeros((len(xb), 1), "float32")
+
+
+def as_data(kind, x):
+    if kind == "array":
+        return x
+    if kind == "dataset":
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensor_slices((x, np.zeros(len(x)))).batch(48)
+    if kind == "generator":
+        return (x[i : i + 40] for i in range(0, len(x), 40))
+    return Batches(x, 64)
+
+
+@pytest.mark.parametrize("kind", ["array", "dataset", "generator", "pydataset"])
+def test_exact_statistics(rng, kind):
+    x = rng.normal(3.0, 2.0, (300, 6)).astype("float32")
+    model, inner = make_model(rng)
+    others = {v.path: to_numpy(v) for v in model.weights if "moving" not in v.path}
+    old = [
+        (to_numpy(b.moving_mean), to_numpy(b.moving_variance))
+        for b in bn_layers(model, inner)
+    ]
+    report = recalibrate(model, as_data(kind, x), batch_size=64, verbose=0)
+    for layer, (mean, var) in zip(
+        bn_layers(model, inner), reference(model, inner, x), strict=True
+    ):
+        assert_stats(layer, mean, var)
+    # Nothing else changed.
+    for v in model.weights:
+        if "moving" not in v.path:
+            np.testing.assert_array_equal(to_numpy(v), others[v.path], err_msg=v.path)
+    # The report: call order, old and new values, gaps.
+    assert isinstance(report, RecalibrationReport)
+    assert [r.name.split("/")[-1] for r in report.layers] == [
+        "bn_first",
+        "bn_inner",
+        "bn_last",
+    ]
+    for r, (old_mean, old_var) in zip(report.layers, old, strict=True):
+        np.testing.assert_array_equal(r.old_mean, old_mean)
+        np.testing.assert_array_equal(r.old_variance, old_var)
+        assert r.count == 300
+        gap = np.max(np.abs(old_mean - r.mean) / np.sqrt(r.variance + EPS))
+        assert r.mean_gap == pytest.approx(gap)
+    assert report.max_gap > 0.1
+    assert "bn_last" in str(report)
+
+
+def test_unbiased_follows_layer_option(rng):
+    x = rng.normal(size=(50, 3)).astype("float32")
+    ours = keras_bn.BatchNormalization(unbiased_variance=True)
+    keras_bn_plain = keras_bn.BatchNormalization()
+    model = keras.Sequential([keras.Input((3,)), ours, keras_bn_plain])
+    recalibrate(model, x, verbose=0)
+    np.testing.assert_allclose(
+        to_numpy(ours.moving_variance), x.astype(np.float64).var(0, ddof=1), rtol=1e-6
+    )
+    recalibrate(model, x, unbiased=False, verbose=0)
+    np.testing.assert_allclose(
+        to_numpy(ours.moving_variance), x.astype(np.float64).var(0), rtol=1e-6
+    )
+
+
+def test_shared_layer_and_subclassed_model(rng):
+    class Twin(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.bn = keras.layers.BatchNormalization()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x, training=None):
+            a = self.bn(x, training=training)
+            b = self.bn(self.dense(x), training=training)
+            return a + b
+
+    x = rng.normal(1.0, 2.0, (40, 3)).astype("float32")
+    model = Twin()
+    model(x[:2])
+    recalibrate(model, x, batch_size=16, verbose=0)
+    k, b = (to_numpy(v) for v in model.dense.weights)
+    both = np.concatenate([x.astype(np.float64), x @ k + b])
+    np.testing.assert_allclose(
+        to_numpy(model.bn.moving_mean), both.mean(0), rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        to_numpy(model.bn.moving_variance), both.var(0), rtol=1e-6
+    )
+
+
+def test_masked_positions_excluded(rng):
+    tokens = rng.integers(1, 10, (30, 7))
+    tokens[:, 4:] = 0  # padding
+    model = keras.Sequential(
+        [
+            keras.Input((7,), dtype="int32"),
+            keras.layers.Embedding(10, 3, mask_zero=True),
+            keras_bn.BatchNormalization(),
+        ]
+    )
+    recalibrate(model, tokens, verbose=0)
+    table = to_numpy(model.layers[0].embeddings)
+    values = table[tokens[:, :4].ravel()]
+    np.testing.assert_allclose(
+        to_numpy(model.layers[1].moving_mean), values.mean(0), rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        to_numpy(model.layers[1].moving_variance), values.var(0), rtol=1e-6
+    )
+
+
+def test_steps_limits_batches(rng):
+    x = rng.normal(size=(100, 4)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
+    report = recalibrate(model, x, steps=2, batch_size=10, verbose=0)
+    assert report.layers[0].count == 20
+    np.testing.assert_allclose(
+        to_numpy(model.layers[0].moving_mean),
+        x[:20].astype(np.float64).mean(0),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+
+
+def test_renorm_keeps_stddev_consistent(rng):
+    x = rng.normal(2.0, 3.0, (64, 4)).astype("float32")
+    layer = keras.layers.BatchNormalization(renorm=True)
+    model = keras.Sequential([keras.Input((4,)), layer])
+    recalibrate(model, x, verbose=0)
+    var = x.astype(np.float64).var(0)
+    np.testing.assert_allclose(to_numpy(layer.moving_variance), var, rtol=1e-6)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_stddev), np.sqrt(var + EPS), rtol=1e-6
+    )
+
+
+def test_progress_bar(rng, capsys):
+    x = rng.normal(size=(20, 3)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
+    recalibrate(model, x, batch_size=10, verbose=1)
+    assert "2/2" in capsys.readouterr().out
+
+
+def test_no_batchnorm():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="no BatchNormalization layer"):
+        recalibrate(model, np.ones((4, 3), "float32"))
+
+
+@pytest.mark.parametrize(
+    "data, kwargs, error, match",
+    [
+        (np.ones((0, 3), "float32"), {}, ValueError, "empty"),
+        ((b for b in []), {}, ValueError, "empty"),
+        (np.ones((4, 3), "float32"), dict(steps=0), ValueError, "steps=0"),
+        (np.ones((4, 3), "float32"), dict(steps=-1), ValueError, "steps=-1"),
+        (np.ones((4, 3), "float32"), dict(steps=1.5), TypeError, "1.5"),
+        (np.ones((4, 3), "float32"), dict(unbiased="no"), TypeError, "unbiased"),
+        (42, {}, TypeError, "Received: int"),
+    ],
+)
+def test_bad_input(data, kwargs, error, match):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
+    with pytest.raises(error, match=match):
+        recalibrate(model, data, verbose=0, **kwargs)
+
+
+def test_infinite_dataset_needs_steps(rng):
+    tf = pytest.importorskip("tensorflow")
+    x = rng.normal(size=(8, 3)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
+    data = tf.data.Dataset.from_tensor_slices(x).batch(4).repeat()
+    with pytest.raises(ValueError, match="pass `steps`"):
+        recalibrate(model, data, verbose=0)
+    report = recalibrate(model, data, steps=4, verbose=0)
+    assert report.layers[0].count == 16

@@ -1,0 +1,171 @@
+"""Tests for `keras_bn.replace_batchnorm`."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import keras_bn
+from tests import harness as h
+
+
+def _randomize_bns(model, rng):
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            h.set_bn_weights(layer, rng)
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def _sequential():
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, use_bias=False),
+            keras.layers.BatchNormalization(momentum=0.5),
+            keras.layers.ReLU(),
+            keras.layers.Dense(4),
+            keras.layers.BatchNormalization(center=False, epsilon=1e-4),
+        ],
+        name="seq",
+    )
+
+
+def _functional():
+    inp = keras.Input((5, 5, 2))
+    a = keras.layers.Conv2D(4, 3, padding="same")(inp)
+    a = keras.layers.BatchNormalization(axis=-1)(a)
+    b = keras.layers.Conv2D(4, 1)(inp)
+    b = keras.layers.BatchNormalization(renorm=True, renorm_momentum=0.9)(b)
+    out = keras.layers.Add()([a, b])
+    out = keras.layers.GlobalAveragePooling2D()(out)
+    return keras.Model(inp, keras.layers.Dense(3)(out), name="func")
+
+
+def _nested():
+    inner = _sequential()
+    inp = keras.Input((6,))
+    x = inner(inp)
+    x = keras.layers.BatchNormalization(scale=False)(x)
+    return keras.Model(inp, keras.layers.Dense(2)(x), name="outer")
+
+
+BUILDERS = {
+    "sequential": (_sequential, (8, 6)),
+    "functional": (_functional, (4, 5, 5, 2)),
+    "nested": (_nested, (8, 6)),
+}
+
+
+def _bn_layers(model):
+    return [
+        la
+        for la in _all_layers(model)
+        if isinstance(la, keras.layers.BatchNormalization)
+    ]
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_replace_same_function_new_layers(rng, kind):
+    build, shape = BUILDERS[kind]
+    model = build()
+    _randomize_bns(model, rng)
+    old_ids = [id(la) for la in _all_layers(model)]
+    old_weights = [w.copy() for w in model.get_weights()]
+    old_bns = _bn_layers(model)
+    assert old_bns and all(
+        type(la) is keras.layers.BatchNormalization for la in old_bns
+    )
+
+    new = keras_bn.replace_batchnorm(model)
+    for a, b in zip(old_weights, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    new_bns = _bn_layers(new)
+    assert len(new_bns) == len(old_bns)
+    assert all(type(la) is keras_bn.BatchNormalization for la in new_bns)
+    for a, b in zip(old_bns, new_bns, strict=True):
+        assert {
+            k: v
+            for k, v in b.get_config().items()
+            if k in a.get_config() and k != "name"
+        } == {k: v for k, v in a.get_config().items() if k != "name"}
+    assert not set(map(id, _all_layers(new))) & set(old_ids)
+    for a, b in zip(model.weights, new.weights, strict=True):
+        assert a.name == b.name and a.shape == b.shape
+        np.testing.assert_array_equal(h.to_numpy(a), h.to_numpy(b))
+
+    x = rng.normal(0.3, 1.5, shape).astype("float32")
+    h.assert_close(
+        new(x, training=False), h.to_numpy(model(x, training=False)), what="inference"
+    )
+    for step in range(2):  # each updates its own moving statistics
+        h.assert_close(
+            new(x, training=True),
+            h.to_numpy(model(x, training=True)),
+            what=f"training step {step}",
+        )
+    for a, b in zip(model.weights, new.weights, strict=True):
+        h.assert_close(b, h.to_numpy(a), what=a.path)
+
+    # The input model still has its original layers (same objects).
+    assert [id(la) for la in _all_layers(model)] == old_ids
+    assert all(type(la) is keras.layers.BatchNormalization for la in _bn_layers(model))
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_input_model_weights_untouched(rng, kind):
+    build, _ = BUILDERS[kind]
+    model = build()
+    _randomize_bns(model, rng)
+    before = [w.copy() for w in model.get_weights()]
+    new = keras_bn.replace_batchnorm(model)
+    for v in new.weights:
+        v.assign(np.zeros(v.shape, "float32") + 7.0)
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_replaced_model_trains(rng):
+    model = keras_bn.replace_batchnorm(_sequential())
+    model.compile(optimizer="adam", loss="mse", jit_compile=True)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = rng.normal(size=(32, 4)).astype("float32")
+    hist = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert np.isfinite(hist.history["loss"][0])
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3)
+        self.bn = keras.layers.BatchNormalization()
+
+    def call(self, x, training=None):
+        return self.bn(self.dense(x), training=training)
+
+
+def test_subclassed_model_raises():
+    model = _Subclassed()
+    model(np.zeros((2, 4), "float32"))
+    with pytest.raises(TypeError, match=r"Sequential or Functional.*subclassed"):
+        keras_bn.replace_batchnorm(model)
+
+
+def test_non_model_raises():
+    with pytest.raises(TypeError, match=r"Argument `model` must be.*Received"):
+        keras_bn.replace_batchnorm(keras.layers.BatchNormalization())
+
+
+def test_unbuilt_model_raises():
+    model = keras.Sequential(
+        [keras.layers.Dense(3), keras.layers.BatchNormalization()], name="lazy"
+    )
+    with pytest.raises(ValueError, match=r"'lazy'.*is not built"):
+        keras_bn.replace_batchnorm(model)

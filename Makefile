@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	KERAS_BACKEND=tensorflow $(PY) examples/demo.py
 
 test: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 	KERAS_BACKEND=tensorflow $(PY) -m pytest -q
 	KERAS_BACKEND=jax $(PY) -m pytest -q
 

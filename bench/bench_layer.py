@@ -18,7 +18,8 @@ min) over `--repeats` timed runs of `--inner` steps each, after warm-up.
 
     KERAS_BACKEND=tensorflow python bench/bench_layer.py            # CPU table
     KERAS_BACKEND=jax python bench/bench_layer.py
-    KERAS_BACKEND=jax python bench/bench_layer.py --shapes gpu --floor --dtypes float32,bfloat16
+    KERAS_BACKEND=jax python bench/bench_layer.py --shapes gpu --floor \
+        --dtypes float32,bfloat16 --peers flax,torch --inner 20 --repeats 10
 """
 
 from __future__ import annotations
@@ -50,14 +51,27 @@ def _time(fn, repeats: int, inner: int, sync) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
-def _tf_step(forward, layer, x, dy):
-    """Forward (one compiled function) then backward (its gradient function)."""
+def _tf_step_fn(layer, jit):
+    """Forward and backward in one `tf.function`, as in `fit`'s train step.
+
+    Under XLA an optimization barrier makes dy available only after y exists
+    (see `_jax_step`); without XLA the ops run one by one and need none.
+    """
     import tensorflow as tf
 
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = forward(x)
-    return y, tape.gradient(y, [x, *layer.trainable_weights], output_gradients=dy)
+    def step(x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        out = y
+        if jit:  # outside the tape: the barrier has no gradient
+            from tensorflow.compiler.tf2xla.python import xla
+
+            out, dy = xla.optimization_barrier(y, dy)
+        grads = tape.gradient(y, [x, *layer.trainable_weights], output_gradients=dy)
+        return out, grads
+
+    return tf.function(step, jit_compile=jit)
 
 
 def _tf_candidates(shape, axis, dtype):
@@ -71,8 +85,8 @@ def _tf_candidates(shape, axis, dtype):
 
     def step_fn(layer, jit):
         layer.build(shape)
-        forward = tf.function(lambda x: layer(x, training=True), jit_compile=jit)
-        return lambda: _tf_step(forward, layer, x, dy)
+        step = _tf_step_fn(layer, jit)
+        return lambda: step(x, dy)
 
     policy = "mixed_bfloat16" if dtype == "bfloat16" else dtype
     cands = {
@@ -95,10 +109,10 @@ def _tf_candidates(shape, axis, dtype):
         layer = tf_keras.layers.BatchNormalization(axis=axis)
         layer.build(tf.TensorShape(shape))
 
-        forward = tf.function(lambda x: layer(x, training=True))
+        step = _tf_step_fn(layer, False)
 
         fused = "fused" if getattr(layer, "fused", False) else "not fused"
-        cands[f"tf_keras BN ({fused})"] = lambda: _tf_step(forward, layer, x, dy)
+        cands[f"tf_keras BN ({fused})"] = lambda: step(x, dy)
     except ImportError:
         print("tf_keras not installed: pip install --no-deps tf-keras")
 
@@ -132,7 +146,6 @@ def _jax_step(f, x, params, dy):
 
 def _jax_candidates(shape, axis, dtype):
     import jax
-    import jax.numpy as jnp
     import keras
 
     import keras_bn

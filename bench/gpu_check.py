@@ -65,7 +65,9 @@ def run(shape, axis, dtype, seed, loc=0.0):
 
     @jax.jit
     def step(tv, x, dy):
-        f = lambda x, tv: layer.stateless_call(tv, ntv, x, training=True)[0]
+        def f(x, tv):
+            return layer.stateless_call(tv, ntv, x, training=True)[0]
+
         y, vjp = jax.vjp(f, x, tv)
         dx, (dg, db) = vjp(dy)
         return y, dx, dg, db
@@ -79,10 +81,12 @@ def run(shape, axis, dtype, seed, loc=0.0):
         axis,
         layer.epsilon,
     )
-    errs = [np.linalg.norm(o - r) / np.linalg.norm(r) for o, r in zip(out, ref)]
+    errs = [
+        np.linalg.norm(o - r) / np.linalg.norm(r) for o, r in zip(out, ref, strict=True)
+    ]
     ok = all(np.isfinite(e) and e <= LIMITS[dtype] for e in errs)
     names = ("y", "dx", "dgamma", "dbeta")
-    detail = " ".join(f"{n}={e:.2e}" for n, e in zip(names, errs))
+    detail = " ".join(f"{n}={e:.2e}" for n, e in zip(names, errs, strict=True))
     print(f"{'ok  ' if ok else 'FAIL'} {shape} axis={axis} {dtype} loc={loc}: {detail}")
     return ok
 

@@ -44,7 +44,7 @@ def batch_norm_train(
         shape = ops.shape(x)
         x = ops.reshape(x, view)
         axis = 1
-    kw = dict(axis=axis, epsilon=epsilon, all_reduce=all_reduce, two_pass=_on_cpu())
+    kw = dict(axis=axis, epsilon=epsilon, all_reduce=all_reduce)
     train = _tf_train if name == "tensorflow" else _jax_train
     y, mean, var = train(x, scale, offset, weights, count_epsilon, kw)
     if view is not None:
@@ -53,18 +53,7 @@ def batch_norm_train(
 
 
 def _bwd_kw(kw):
-    return {k: kw[k] for k in ("axis", "all_reduce", "two_pass")}
-
-
-def _on_cpu() -> bool:
-    """Whether XLA compiles for the CPU (see `_kernels.forward`'s `two_pass`)."""
-    if backend.backend() == "jax":
-        import jax
-
-        return jax.default_backend() == "cpu"
-    import tensorflow as tf
-
-    return not tf.config.list_logical_devices("GPU")
+    return {k: kw[k] for k in ("axis", "all_reduce")}
 
 
 def canonical_view(shape, axis: int):

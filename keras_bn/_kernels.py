@@ -72,7 +72,6 @@ def forward(
     epsilon: float,
     all_reduce: AllReduce = None,
     count_epsilon: float = 0.0,
-    two_pass: bool = False,
 ):
     """Training-mode forward: returns `(y, mean, variance, residuals)`.
 
@@ -80,13 +79,6 @@ def forward(
     0/1 mask broadcastable to `x` (masked values do not enter the statistics,
     every value is normalized). `all_reduce`, if given, sums per-channel partial
     sums over replicas (synchronized batch normalization).
-
-    `two_pass=False` takes both sums in one pass over `x` (XLA fuses them into
-    one multi-output reduction: the fewest bytes, best on GPU). `two_pass=True`
-    takes the centred sum of squares in a second pass that depends on the first
-    sum; XLA on CPU runs two such single reductions faster than one fused
-    two-output reduction (measured by bench/bench_layer.py), and the variance
-    is then the exact two-pass one.
     """
     rank = len(x.shape)
     axes = reduction_axes(rank, axis)
@@ -106,10 +98,7 @@ def forward(
         if all_reduce is not None:
             count = all_reduce(count)
         s1 = _sum(xs, axes, all_reduce)
-        if two_pass:
-            s2 = _sum(ops.square(xs - s1 / count), axes, all_reduce)
-        else:
-            s2 = _sum(ops.square(xs), axes, all_reduce)
+        s2 = _sum(ops.square(xs), axes, all_reduce)
     else:
         w = ops.cast(weights, "float32")
         count = _sum(ops.broadcast_to(w, ops.shape(xf)), axes, all_reduce)
@@ -118,10 +107,7 @@ def forward(
         s1 = _sum(wxs, axes, all_reduce)
         s2 = _sum(wxs * xs, axes, all_reduce)
     delta = s1 / count
-    if two_pass and weights is None:
-        var = s2 / count
-    else:
-        var = ops.maximum(s2 / count - ops.square(delta), 0.0)
+    var = ops.maximum(s2 / count - ops.square(delta), 0.0)
     inv_std = ops.rsqrt(var + epsilon)
     scale = ops.reshape(scale, ops.shape(k))
     offset = ops.reshape(offset, ops.shape(k))
@@ -132,9 +118,7 @@ def forward(
     return ops.cast(y, x.dtype), mean, ops.reshape(var, (-1,)), res
 
 
-def backward(
-    res: Residuals, dy, dmean, dvar, *, axis: int, all_reduce=None, two_pass=False
-):
+def backward(res: Residuals, dy, dmean, dvar, *, axis: int, all_reduce=None):
     """Analytic backward pass (Ioffe & Szegedy 2015, section 3).
 
     With `xhat = (x - mean) * inv_std`, `y = scale * xhat + offset` and `w` the
@@ -145,19 +129,14 @@ def backward(
         dscale = sum(dy * xhat),  doffset = sum(dy)
 
     `dmean`/`dvar` are the cotangents of the returned statistics (zero, or
-    None, unless something differentiable consumes them). With `two_pass`
-    (see `forward`), `sum(dy * xhat)` is taken as `sum((dy - mean(dy)) * xhat)`,
-    equal since `sum(xhat) = 0`, in a second pass after `sum(dy)`.
+    None, unless something differentiable consumes them).
     """
     rank = len(res.x.shape)
     axes = reduction_axes(rank, axis)
     xc = (ops.cast(res.x, "float32") - res.shift) - res.delta
     g = ops.cast(dy, "float32")
     g1 = _sum(g, axes, all_reduce)  # sum(dy)
-    if two_pass and res.weights is None:
-        g2 = _sum((g - g1 / res.count) * xc, axes, all_reduce)
-    else:
-        g2 = _sum(g * xc, axes, all_reduce)  # sum(dy * (x - mean))
+    g2 = _sum(g * xc, axes, all_reduce)  # sum(dy * (x - mean))
     dscale = g2 * res.inv_std
     c0 = -res.a * g1 / res.count
     c1 = -res.a * ops.square(res.inv_std) * g2 / res.count

@@ -93,12 +93,22 @@ def test_statistics_equal_numpy_on_probe(rng, which, unit, percentiles):
         np.testing.assert_allclose(d["std"][i], ref.std(), RTOL, ATOL)
 
 
-def test_mid_training_records_read_current_weights(rng):
+class _SyncFallback(ActivationStatistics):
+    """Forgets the variable -> state index, forcing `model.jax_state_sync()`."""
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._probe._index = {}
+
+
+@pytest.mark.parametrize("callback", [ActivationStatistics, _SyncFallback])
+def test_mid_training_records_read_current_weights(rng, callback):
     """On JAX the weights live in the trainer's state during fit; each record
-    must see the weights after that very step (not stale or initial ones)."""
+    must see the weights after that very step (not stale or initial ones),
+    whether read from that state or after `jax_state_sync()`."""
     model = _model(rng)
     x, y = _data(rng)
-    stats = ActivationStatistics("act1", probe_data=x[:32], every_n_batches=1)
+    stats = callback("act1", probe_data=x[:32], every_n_batches=1)
     ref = _Reference(stats, "act1", "input", x[:32])
     model.fit(x, y, batch_size=16, epochs=2, callbacks=[stats, ref], verbose=0)
     d = stats.history.as_dict()

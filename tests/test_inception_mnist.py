@@ -1,7 +1,8 @@
 """Tests for examples/inception_mnist.py and examples/inception_model.py.
 
-A tiny-budget run of every configuration (512 training images, width 4, 40
-steps) checks the output files and that the BN configurations learn.
+A tiny-budget run of every configuration (512 training images, width 16, one
+Inception module, 300 steps of 16 images) checks the output files and that
+the BN configurations learn.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ TINY = dict(
 TINY_STEPS = 300
 TINY_EVALS = [100, 200, 300]
 BN_CONFIGS = ["BN", "BN-x5", "BN-x30", "BN-x5-Sigmoid"]
-# Chance is 0.1 (the most frequent class in the 500 evaluation images is
-# 13.4%); an untrained or broken model stays there. Measured best accuracies
-# of this tiny run (seeds 0, 1; JAX and TensorFlow): 0.5-0.75 for the ReLU BN
-# configurations, 0.30-0.35 for BN-x5-Sigmoid, whose sigmoid features learn
-# slowest, so the bar sits between chance and that.
-LEARNS = 0.25
+# Chance is 0.1 (the most frequent class in the 500 evaluation images holds
+# 13.4%); the untrained network scores 0.08-0.15 (seeds 0-2), and a broken
+# one that predicts a constant class at most 0.134. Measured best
+# accuracies of this tiny run (seeds 0 and 1, TensorFlow and JAX): 0.39-0.68
+# for the ReLU BN configurations, 0.28-0.35 for BN-x5-Sigmoid, whose sigmoid
+# features learn slowest. Each bar sits between chance and those minima.
+LEARNS = {"relu": 0.3, "sigmoid": 0.2}
 
 
 @pytest.fixture
@@ -90,18 +92,18 @@ def test_baseline_reaches_its_own_best(tiny_run):
 def test_bn_configurations_learn(tiny_run, name):
     _, rows = tiny_run
     (row,) = [r for r in rows if r["config"] == name]
-    assert row["best_accuracy"] > LEARNS, row
+    assert row["best_accuracy"] > LEARNS[im.CONFIGS[name].activation], row
 
 
 def test_untrained_model_fails_the_learning_threshold():
-    # The negative control for LEARNS: the same network before training.
+    # The negative control for both bars: the same network before training.
     import keras
 
     _, (x_eval, y_eval) = im._load_data(TINY["train_size"], TINY["eval_size"])
     keras.utils.set_random_seed(TINY["seed"])
     model = build_inception(TINY["width"], modules=TINY["modules"])
     probs = keras.ops.convert_to_numpy(model(x_eval, training=False))
-    assert np.mean(probs.argmax(axis=1) == y_eval) < LEARNS
+    assert np.mean(probs.argmax(axis=1) == y_eval) < min(LEARNS.values())
 
 
 @pytest.mark.parametrize("configs", [["Bogus"], ["BN", "bn-x5"], []])

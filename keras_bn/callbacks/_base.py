@@ -81,8 +81,13 @@ class StatisticsCallback(keras.callbacks.Callback):
         self._step = self._epoch = self._epoch_start = 0
         self._last_recorded = None
         tensors = self._tensors(self.model)
-        key = (id(self.model), tuple(id(t) for t in tensors))
-        if self._probe is None or self._probe_key != key:
+        # Reuse the compiled probe only for the very same model and tensors
+        # (compared by identity on objects held here, so ids cannot be reused).
+        key = (self.model, *tensors)
+        same = self._probe_key is not None and len(key) == len(self._probe_key)
+        if not (
+            same and all(a is b for a, b in zip(key, self._probe_key, strict=True))
+        ):
             self._probe = Probe(self.model, tensors, self._probe_x, self.training)
             self._probe_key = key
         self.close()

@@ -96,9 +96,11 @@ class Probe:
     a probe in training mode (`training=True`: BN layers normalize with the
     probe's own batch statistics) leaves the moving statistics untouched. On
     TensorFlow the call is one `tf.function` (XLA-compiled when the model is),
-    on JAX one `jax.jit`; on JAX `model.jax_state_sync()` first copies the
-    trainer's current state into the variables (during `fit` they are
-    otherwise stale).
+    on JAX one `jax.jit`. During `fit` on JAX the current values live in the
+    trainer's state (`model._jax_state`), not in the variables: the probe then
+    reads them from that state (mapping each variable to its index in the
+    model's variable lists), and falls back to `model.jax_state_sync()` when
+    the state is not there or not in the expected layout.
 
     Args:
         model: A built Functional or Sequential model.
@@ -128,6 +130,7 @@ class Probe:
             )[0]
 
         self._x = x
+        self._index = self._state_index(model) if self._backend == "jax" else None
         if self._backend == "tensorflow":
             import tensorflow as tf
 
@@ -140,15 +143,40 @@ class Probe:
         else:
             self._fn = stateless
 
+    @staticmethod
+    def _state_index(model) -> dict:
+        """Maps `id(variable)` to (state key, index) for the model's variables."""
+        index = {}
+        for key in ("trainable_variables", "non_trainable_variables"):
+            for i, v in enumerate(getattr(model, key)):
+                index[id(v)] = (key, i)
+        return index
+
+    def value(self, variable):
+        """The current value of one of the model's variables.
+
+        On JAX during `fit`, from the trainer's state when it is newer than the
+        variables; if the state does not have the expected layout, it is first
+        copied into the variables with `model.jax_state_sync()`.
+        """
+        if self._backend != "jax":
+            return variable.value
+        model = self._model
+        state = getattr(model, "_jax_state", None)
+        if state and not getattr(model, "_jax_state_synced", True):
+            key, i = self._index.get(id(variable), (None, None))
+            if key is not None and len(state.get(key) or ()) == len(
+                getattr(model, key)
+            ):
+                return state[key][i]
+            model.jax_state_sync()
+        return variable.value
+
     def run(self) -> list[np.ndarray]:
         """Returns the tensors' current values on the probe batch, as NumPy."""
-        if self._backend == "jax":
-            sync = getattr(self._model, "jax_state_sync", None)
-            if sync is not None:
-                sync()
         outs = self._fn(
-            [v.value for v in self._sub.trainable_variables],
-            [v.value for v in self._sub.non_trainable_variables],
+            [self.value(v) for v in self._sub.trainable_variables],
+            [self.value(v) for v in self._sub.non_trainable_variables],
             self._x,
         )
         if not isinstance(outs, (list, tuple)):  # a one-output model unwraps

@@ -122,8 +122,10 @@ class BatchNormStatistics(StatisticsCallback):
             axis = layer.axis % x.ndim
             reduce = tuple(i for i in range(x.ndim) if i != axis)
             m, v = x.mean(axis=reduce), x.var(axis=reduce)
-            mm = keras.ops.convert_to_numpy(layer.moving_mean).astype("float64")
-            mv = keras.ops.convert_to_numpy(layer.moving_variance).astype("float64")
+            mm, mv = (
+                keras.ops.convert_to_numpy(self._probe.value(v)).astype("float64")
+                for v in (layer.moving_mean, layer.moving_variance)
+            )
             eps = float(layer.epsilon)
             gap = np.abs(m - mm) / np.sqrt(v + eps)
             ratio = np.abs(np.log((mv + eps) / (v + eps)))

@@ -1,0 +1,94 @@
+"""`bench_latency`: compare two ONNX files under ONNX Runtime, one thread."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from converters._deps import require
+
+
+def _session(path, threads: int):
+    ort = require("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _feed(sess, batch: int, seed: int):
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for i in sess.get_inputs():
+        shape = [batch if not isinstance(d, int) else d for d in i.shape]
+        shape[0] = batch
+        feed[i.name] = rng.normal(size=shape).astype(np.float32)
+    return feed
+
+
+def latency_ms(
+    path, batch: int, *, runs: int = 50, warmup: int = 10, threads: int = 1
+) -> float:
+    """Median ONNX Runtime latency (ms) of one model on a random float batch."""
+    sess = _session(path, threads)
+    feed = _feed(sess, batch, 0)
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+def bench_latency(
+    path_a,
+    path_b,
+    batch: int = 256,
+    *,
+    runs: int = 50,
+    warmup: int = 10,
+    threads: int = 1,
+) -> dict[str, float]:
+    """ONNX Runtime latency of two models, interleaved call by call.
+
+    Both sessions get `warmup` calls, then `runs` timed calls each, alternating
+    a, b, b, a, ... so that both see the same machine load; the latency of each
+    is the median of its timed calls.
+
+    Args:
+        path_a: The ONNX file to compare (e.g. folded).
+        path_b: The reference ONNX file (e.g. Keras's unfolded export).
+        batch: Batch size of the random float32 inputs (same for both).
+        runs: Timed calls per model.
+        warmup: Untimed calls per model first.
+        threads: ONNX Runtime intra-op threads (inter-op is 1).
+
+    Returns:
+        `{"a_ms": ..., "b_ms": ..., "speedup": b_ms / a_ms}`.
+
+    Example:
+
+    >>> r = bench_latency("folded.onnx", "keras.onnx", 256)  # doctest: +SKIP
+    >>> print(f"folded is {r['speedup']:.2f}x faster")  # doctest: +SKIP
+    """
+    for name, value in (("batch", batch), ("runs", runs), ("threads", threads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"Argument `{name}` must be a positive int. Received: {name}={value!r}"
+            )
+    sessions = [_session(path_a, threads), _session(path_b, threads)]
+    feeds = [_feed(s, batch, 0) for s in sessions]
+    for s, f in zip(sessions, feeds, strict=True):
+        for _ in range(warmup):
+            s.run(None, f)
+    times = ([], [])
+    for i in range(runs):
+        for k in (0, 1) if i % 2 == 0 else (1, 0):
+            t = time.perf_counter()
+            sessions[k].run(None, feeds[k])
+            times[k].append(time.perf_counter() - t)
+    a_ms, b_ms = (1e3 * float(np.median(t)) for t in times)
+    return {"a_ms": a_ms, "b_ms": b_ms, "speedup": b_ms / a_ms}

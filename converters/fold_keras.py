@@ -1,0 +1,336 @@
+"""`fold_batchnorm`: a new Keras model with batch normalizations folded away."""
+
+from __future__ import annotations
+
+import collections
+
+import keras
+import numpy as np
+
+from converters.affine import ChannelAffine
+from converters.fold_math import bn_scale_shift, fold_weights
+from converters.report import (
+    FOLDED_FOLLOWING,
+    FOLDED_PRECEDING,
+    KEPT,
+    FoldRecord,
+    FoldReport,
+)
+
+L = keras.layers
+_DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
+_SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)
+_TRANSPOSE = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
+_CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
+
+
+def _layout(layer) -> tuple[str, str] | None:
+    """(fold_weights layout, kernel weight name) of a foldable layer, or None."""
+    # Order matters: check the specific classes before the generic ones.
+    if isinstance(layer, _DEPTHWISE):
+        return "depthwise", "kernel"
+    if isinstance(layer, _SEPARABLE):
+        return "conv", "pointwise_kernel"
+    if isinstance(layer, _TRANSPOSE):
+        return "conv_transpose", "kernel"
+    if isinstance(layer, _CONV) or type(layer) is L.Dense:
+        return ("dense" if isinstance(layer, L.Dense) else "conv"), "kernel"
+    return None
+
+
+def _channel_axis(layer, rank: int) -> int:
+    if isinstance(layer, L.Dense):
+        return rank - 1
+    return 1 if layer.data_format == "channels_first" else rank - 1
+
+
+def _special(layer) -> str:
+    """Why a layer's kernel is not its plain weight (LoRA, quantized), or ''."""
+    if getattr(layer, "lora_enabled", False):
+        return "has LoRA enabled (its effective kernel is not a single weight)"
+    mode = getattr(getattr(layer, "dtype_policy", None), "quantization_mode", None)
+    if mode:
+        return f"is quantized ({mode})"
+    return ""
+
+
+def _is_graph_model(model) -> bool:
+    return isinstance(model, keras.Sequential) or hasattr(model, "_nodes_by_depth")
+
+
+class _Graph:
+    """Consumers, producers and per-layer nodes of one graph model."""
+
+    def __init__(self, model):
+        graph = model._functional if isinstance(model, keras.Sequential) else model
+        if graph is None:
+            raise ValueError(
+                f"The Sequential model {model.name!r} has no graph yet. Start it "
+                "with `keras.Input(shape)` (or call it on data) before folding."
+            )
+        self.graph = graph
+        depths = sorted(graph._nodes_by_depth, reverse=True)
+        self.nodes = [
+            n
+            for d in depths
+            for n in graph._nodes_by_depth[d]
+            if n.operation is not None and not n.is_input
+        ]
+        self.node_ids = {id(n) for n in self.nodes}
+        self.consumers = collections.defaultdict(list)
+        self.layer_nodes = collections.defaultdict(list)
+        for n in self.nodes:
+            self.layer_nodes[id(n.operation)].append(n)
+            for t in n.input_tensors:
+                self.consumers[id(t)].append(n)
+        self.output_ids = {id(t) for t in graph.outputs}
+        self.operations = list(
+            {id(n.operation): n.operation for n in self.nodes}.values()
+        )
+
+    def producer(self, tensor):
+        op, node_index, _ = tensor._keras_history
+        node = op._inbound_nodes[node_index]
+        return node if id(node) in self.node_ids else None
+
+    def only_consumer(self, tensor):
+        """The single node consuming `tensor`, or None (several, none, output)."""
+        users = self.consumers.get(id(tensor), [])
+        if id(tensor) in self.output_ids or len(users) != 1:
+            return None
+        return users[0]
+
+
+def _bn_stats(bn) -> dict:
+    as_np = keras.ops.convert_to_numpy
+    return {
+        "mean": as_np(bn.moving_mean),
+        "variance": as_np(bn.moving_variance),
+        "epsilon": float(bn.epsilon),
+        "gamma": as_np(bn.gamma) if bn.scale else None,
+        "beta": as_np(bn.beta) if bn.center else None,
+    }
+
+
+def _why_not_preceding(g: _Graph, bn) -> tuple[str | None, object]:
+    bn_nodes = g.layer_nodes[id(bn)]
+    producers = []
+    for node in bn_nodes:
+        tensors = node.input_tensors  # the input first (a mask may follow)
+        p = g.producer(tensors[0]) if tensors else None
+        if p is None:
+            return "no preceding layer", None
+        producers.append(p)
+    layer = producers[0].operation
+    if any(p.operation is not layer for p in producers):
+        return "its calls follow different layers", None
+    name = f"preceding {layer.name!r}"
+    if _layout(layer) is None:
+        return f"{name} is a {type(layer).__name__}, not a linear layer", None
+    if getattr(layer, "activation", None) is not keras.activations.linear:
+        return f"{name} has a fused nonlinear activation", None
+    if _special(layer):
+        return f"{name} {_special(layer)}", None
+    if len(g.layer_nodes[id(layer)]) != len(producers):
+        return f"{name} is also called elsewhere", None
+    for p, node in zip(producers, bn_nodes, strict=True):
+        if len(p.outputs) != 1 or g.only_consumer(p.outputs[0]) is not node:
+            return f"the output of {name} also feeds other layers or outputs", None
+    rank = len(producers[0].outputs[0].shape)
+    if bn.axis % rank != _channel_axis(layer, rank):
+        return f"its axis {bn.axis} is not the channel axis of {name}", None
+    return None, layer
+
+
+def _why_not_following(g: _Graph, bn) -> tuple[str | None, object]:
+    bn_nodes = g.layer_nodes[id(bn)]
+    followers = []
+    for node in bn_nodes:
+        f = g.only_consumer(node.outputs[0])
+        if f is None:
+            return "its output feeds several layers or is a model output", None
+        followers.append(f)
+    layer = followers[0].operation
+    name = f"following {layer.name!r}"
+    if any(f.operation is not layer for f in followers):
+        return "its calls feed different layers", None
+    if len(g.layer_nodes[id(layer)]) != len(followers):
+        return f"{name} is also called on other inputs", None
+    for f, node in zip(followers, bn_nodes, strict=True):
+        if len(f.input_tensors) != 1 or f.input_tensors[0] is not node.outputs[0]:
+            return f"{name} takes other inputs too", None
+    layout = _layout(layer)
+    if layout is None or layout[0] not in ("dense", "conv") or layout[1] != "kernel":
+        return f"{name} is a {type(layer).__name__}, not a dense or plain conv", None
+    if _special(layer):
+        return f"{name} {_special(layer)}", None
+    rank = len(bn_nodes[0].outputs[0].shape)
+    if bn.axis % rank != _channel_axis(layer, rank):
+        return f"its axis {bn.axis} is not the input channel axis of {name}", None
+    if layout[0] == "conv":
+        if layer.padding != "valid":
+            return f"{name} pads its input (padding={layer.padding!r})", None
+        if getattr(layer, "groups", 1) != 1:
+            return f"{name} is a grouped convolution", None
+    return None, layer
+
+
+def _clone(layer, **overrides):
+    config = {**layer.get_config(), **overrides}
+    return layer.__class__.from_config(config)
+
+
+def _fold_model(model, prefix: str, cache: dict):
+    g = _Graph(model)
+    report = FoldReport()
+    state = {}  # id(layer) -> {weight name: np.ndarray}
+    replacement = {}  # id(old operation) -> new operation, or None (identity)
+    assign = []  # (new layer, {weight name: value})
+
+    def weights_of(layer):
+        if id(layer) not in state:
+            state[id(layer)] = {
+                v.name: keras.ops.convert_to_numpy(v) for v in layer.weights
+            }
+        return state[id(layer)]
+
+    for op in g.operations:
+        if not isinstance(op, L.BatchNormalization):
+            continue
+        path = prefix + op.name
+        stats = _bn_stats(op)
+        why_p, target = _why_not_preceding(g, op)
+        if why_p is None:
+            layout, kname = _layout(target)
+            w = weights_of(target)
+            w[kname], w["bias"] = fold_weights(
+                w[kname], w.get("bias"), **stats, layout=layout, position="after"
+            )
+            replacement[id(op)] = None
+            report.records.append(FoldRecord(path, FOLDED_PRECEDING, target.name))
+            continue
+        why_f, target = _why_not_following(g, op)
+        if why_f is None:
+            layout, kname = _layout(target)
+            w = weights_of(target)
+            w[kname], w["bias"] = fold_weights(
+                w[kname], w.get("bias"), **stats, layout=layout, position="before"
+            )
+            replacement[id(op)] = None
+            report.records.append(FoldRecord(path, FOLDED_FOLLOWING, target.name))
+            continue
+        affine = ChannelAffine(axis=op.axis, name=op.name, dtype=op.dtype_policy)
+        scale, shift = bn_scale_shift(**stats)
+        replacement[id(op)] = affine
+        assign.append((affine, {"scale": scale, "shift": shift}))
+        reason = f"not into preceding: {why_p}; not into following: {why_f}"
+        report.records.append(FoldRecord(path, KEPT, None, reason))
+
+    for op in g.operations:
+        if id(op) in replacement:
+            continue
+        if isinstance(op, keras.Model):
+            if id(op) not in cache:
+                cache[id(op)] = _fold_model(op, f"{prefix}{op.name}/", cache)
+            new, sub = cache[id(op)]
+            report.records.extend(sub.records)
+            replacement[id(op)] = new
+        elif isinstance(op, keras.layers.Layer):
+            if id(op) in state:
+                new = _clone(op, use_bias=True)
+                assign.append((new, state[id(op)]))
+            else:
+                new = _clone(op)
+                assign.append((new, op))
+            replacement[id(op)] = new
+        else:  # a stateless keras.ops operation
+            replacement[id(op)] = op
+
+    new_model = _rebuild(model, g, replacement)
+    for new, values in assign:
+        if isinstance(values, keras.layers.Layer):
+            new.set_weights(values.get_weights())
+            continue
+        for v in new.weights:
+            v.assign(np.asarray(values[v.name]).astype(v.dtype))
+    return new_model, report
+
+
+def _new_input(x):
+    return keras.Input(batch_shape=x.shape, dtype=x.dtype, sparse=x.sparse, name=x.name)
+
+
+def _rebuild(model, g: _Graph, replacement: dict):
+    if isinstance(model, keras.Sequential):
+        layers = [replacement[id(op)] for op in model.layers]
+        layers = [lyr for lyr in layers if lyr is not None]
+        inputs = _new_input(model.inputs[0])
+        return keras.Sequential([inputs, *layers], name=model.name)
+    graph = g.graph
+    tensors = {}
+    new_inputs = keras.tree.map_structure(_new_input, graph._inputs_struct)
+    for old, new in zip(graph.inputs, keras.tree.flatten(new_inputs), strict=True):
+        tensors[id(old)] = new
+    for node in g.nodes:
+        args, kwargs = node.arguments.fill_in(tensors)
+        op = replacement[id(node.operation)]
+        if op is None:  # a folded batch normalization: identity
+            outputs = args[0] if args else kwargs["inputs"]
+        else:
+            outputs = op(*args, **kwargs)
+        for old, new in zip(node.outputs, keras.tree.flatten(outputs), strict=True):
+            tensors[id(old)] = new
+    outputs = keras.tree.map_structure(lambda t: tensors[id(t)], graph._outputs_struct)
+    return keras.Model(new_inputs, outputs, name=model.name)
+
+
+def fold_batchnorm(model: keras.Model) -> tuple[keras.Model, FoldReport]:
+    """Folds every inference batch normalization of a Keras model away.
+
+    Returns a new model (the input model is left unchanged) that computes the
+    same function in inference, in which each `BatchNormalization` (Keras's or
+    `keras_bn`'s, renorm included: inference uses `moving_mean`,
+    `moving_variance`, `epsilon`, `gamma` and `beta`) is
+
+    1. folded into the preceding `Dense`, `Conv1D/2D/3D`, `DepthwiseConv1D/2D`,
+       `SeparableConv1D/2D` (pointwise kernel) or `Conv1D/2D/3DTranspose`, when
+       that layer has a linear activation and its output feeds only the batch
+       normalization;
+    2. otherwise folded into the following `Dense`, or a following plain
+       convolution with `padding="valid"` and `groups=1`, when the batch
+       normalization's output feeds only it;
+    3. otherwise replaced by a `ChannelAffine` layer (one multiply and add).
+
+    Works on Sequential and Functional models, nested models (folded
+    recursively), shared layers and multi-input/multi-output graphs.
+
+    Args:
+        model: A built `keras.Sequential` or Functional `keras.Model`.
+
+    Returns:
+        `(folded_model, report)`: the new model and a `FoldReport` listing every
+        batch normalization, what it was folded into, or why it was kept.
+
+    Example:
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+    ...                           keras.layers.BatchNormalization()])
+    >>> folded, report = fold_batchnorm(model)
+    >>> [type(layer).__name__ for layer in folded.layers], report.num_folded
+    (['Dense'], 1)
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "Argument `model` must be a keras.Model. "
+            f"Received: model={type(model).__name__}"
+        )
+    if not _is_graph_model(model):
+        raise TypeError(
+            f"fold_batchnorm needs a model with a graph (Sequential or Functional), "
+            f"but {model.name!r} is a subclassed {type(model).__name__} whose "
+            "`call` cannot be inspected. Rebuild it with the Functional API "
+            "(keras.Model(inputs, outputs)), or fold its weights yourself with "
+            "converters.fold_weights."
+        )
+    return _fold_model(model, "", {})

@@ -32,7 +32,11 @@ def latency_ms(
 ) -> float:
     """Median ONNX Runtime latency (ms) of one model on a random float batch."""
     sess = _session(path, threads)
-    feed = _feed(sess, batch, 0)
+    return session_latency_ms(sess, _feed(sess, batch, 0), runs=runs, warmup=warmup)
+
+
+def session_latency_ms(sess, feed, *, runs: int = 20, warmup: int = 3) -> float:
+    """Median latency (ms) of `sess.run(None, feed)` after `warmup` calls."""
     for _ in range(warmup):
         sess.run(None, feed)
     times = []

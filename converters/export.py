@@ -12,6 +12,7 @@ import numpy as np
 
 from converters._deps import require, require_tensorflow_backend
 from converters._io import atomic_write_bytes, check_output_path
+from converters.bench import session_latency_ms
 from converters.fold_keras import fold_batchnorm
 from converters.report import FoldReport
 
@@ -151,17 +152,6 @@ def _sample_inputs(signature, samples, seed):
     return out
 
 
-def _latency_ms(sess, feed, runs=20):
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
-
-
 def relative_error(got, ref) -> float:
     """`max|got - ref| / max|ref|` over all elements (0/0 counts as 0)."""
     got = np.asarray(got, np.float64)
@@ -284,8 +274,8 @@ def export_onnx(
         ]
         timings["verify_s"] = time.perf_counter() - t
         if fold:
-            report.latency_ms["folded"] = _latency_ms(sess, feed)
-            report.latency_ms["unfolded"] = _latency_ms(
+            report.latency_ms["folded"] = session_latency_ms(sess, feed)
+            report.latency_ms["unfolded"] = session_latency_ms(
                 _session(before.SerializeToString()), feed
             )
         if not report.max_rel_error <= rtol:

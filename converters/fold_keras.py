@@ -199,26 +199,25 @@ def _fold_model(model, prefix: str, cache: dict):
             continue
         path = prefix + op.name
         stats = _bn_stats(op)
-        why_p, target = _why_not_preceding(g, op)
-        if why_p is None:
-            layout, kname = _layout(target)
-            w = weights_of(target)
-            w[kname], w["bias"] = fold_weights(
-                w[kname], w.get("bias"), **stats, layout=layout, position="after"
-            )
-            replacement[id(op)] = None
-            report.records.append(FoldRecord(path, FOLDED_PRECEDING, target.name))
+        why, folded = {}, False
+        for position, action, why_not in (
+            ("after", FOLDED_PRECEDING, _why_not_preceding),
+            ("before", FOLDED_FOLLOWING, _why_not_following),
+        ):
+            why[position], target = why_not(g, op)
+            if why[position] is None:
+                layout, kname = _layout(target)
+                w = weights_of(target)
+                w[kname], w["bias"] = fold_weights(
+                    w[kname], w.get("bias"), **stats, layout=layout, position=position
+                )
+                replacement[id(op)] = None
+                report.records.append(FoldRecord(path, action, target.name))
+                folded = True
+                break
+        if folded:
             continue
-        why_f, target = _why_not_following(g, op)
-        if why_f is None:
-            layout, kname = _layout(target)
-            w = weights_of(target)
-            w[kname], w["bias"] = fold_weights(
-                w[kname], w.get("bias"), **stats, layout=layout, position="before"
-            )
-            replacement[id(op)] = None
-            report.records.append(FoldRecord(path, FOLDED_FOLLOWING, target.name))
-            continue
+        why_p, why_f = why["after"], why["before"]
         affine = ChannelAffine(axis=op.axis, name=op.name, dtype=op.dtype_policy)
         scale, shift = bn_scale_shift(**stats)
         replacement[id(op)] = affine

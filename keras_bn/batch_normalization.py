@@ -375,38 +375,31 @@ class BatchNormalization(keras.layers.BatchNormalization):
             all_reduce=all_reduce,
             count_epsilon=0.0 if weights is None else backend.epsilon(),
         )
-        if not self.renorm and all_reduce is not None:
-            # gamma and beta are applied outside the kernel so that their
-            # gradients are this replica's partial sums (the optimizer sums them
-            # over replicas), while the input gradient uses the global sums.
-            # xhat in float32, so a float16 output is rounded once.
-            xhat, mean, var = _fused.batch_norm_train(
-                ops.cast(inputs, "float32"),
-                ops.ones_like(gamma),
-                ops.zeros_like(beta),
-                weights,
-                **kw,
-            )
-            shape = _kernels.broadcast_shape(len(inputs.shape), kw["axis"], -1)
-            y = ops.cast(xhat, "float32") * ops.reshape(gamma, shape)
-            y = ops.cast(y + ops.reshape(beta, shape), inputs.dtype)
-            return y, mean, self._unbias(var, inputs, weights, kw)
-        if not self.renorm:
+        if not self.renorm and all_reduce is None:
             y, mean, var = _fused.batch_norm_train(inputs, gamma, beta, weights, **kw)
             return y, mean, self._unbias(var, inputs, weights, kw)
-        ones = ops.ones_like(gamma)
-        # xhat in float32: rounding it to a float16 input's dtype would round y
-        # twice and give gamma a gradient from rounded xhat (unlike Keras).
+        # The kernel normalizes only (xhat, in float32 so that a float16 output
+        # is rounded once and gamma's gradient comes from unrounded xhat), and
+        # the affine map is applied here: under synchronization so that gamma's
+        # and beta's gradients are this replica's partial sums (the optimizer
+        # sums them over replicas) while the input gradient uses the global
+        # sums; under renorm because the map depends on the batch statistics.
         xhat, mean, var = _fused.batch_norm_train(
-            ops.cast(inputs, "float32"), ones, ops.zeros_like(beta), weights, **kw
+            ops.cast(inputs, "float32"),
+            ops.ones_like(gamma),
+            ops.zeros_like(beta),
+            weights,
+            **kw,
         )
-        r, d, mean, var = self._renorm_correction_and_moments(mean, var)
-        r, d = ops.stop_gradient(r), ops.stop_gradient(d)
-        shape = _kernels.broadcast_shape(len(inputs.shape), self._channel_axis, -1)
-        a = ops.reshape(r * gamma, shape)
-        b = ops.reshape(d * gamma + beta, shape)
-        y = ops.cast(ops.cast(xhat, "float32") * a + b, inputs.dtype)
-        return y, mean, var
+        if self.renorm:
+            r, d, mean, var = self._renorm_correction_and_moments(mean, var)
+            r, d = ops.stop_gradient(r), ops.stop_gradient(d)
+            gamma, beta = r * gamma, d * gamma + beta
+        else:
+            var = self._unbias(var, inputs, weights, kw)
+        shape = _kernels.broadcast_shape(len(inputs.shape), kw["axis"], -1)
+        y = xhat * ops.reshape(gamma, shape) + ops.reshape(beta, shape)
+        return ops.cast(y, inputs.dtype), mean, var
 
     def _train_synchronized(self, inputs, gamma, beta, weights):
         """Cross-replica training step, without control flow around it.

@@ -154,6 +154,9 @@ def tensorflow_main(index, address, out):
         history = model.fit(global_dataset(), verbose=0, shuffle=False)
         save_weights(np, results, f"fit/{sync}", model)
         results[f"loss/{sync}"] = np.array(history.history["loss"])
+        if sync:  # Inference: the same moving statistics on every worker.
+            loss = model.evaluate(global_dataset(), verbose=0)
+            results["evaluate"] = np.array(loss)
 
         with strategy.scope():
             model = make_model(keras, keras.Sequential, bn_factory(sync))
@@ -174,6 +177,7 @@ def tensorflow_main(index, address, out):
         model.compile(keras.optimizers.SGD(LR), "mse", jit_compile=False)
         model.fit(x, y, batch_size=GLOBAL, verbose=0, shuffle=False)
         save_weights(np, ref, "ref/fit", model)
+        ref["evaluate"] = np.array(model.evaluate(x, y, batch_size=GLOBAL, verbose=0))
     else:
         grads = tf_custom_loop(tf, None, model, keras.optimizers.SGD(LR), x, y)
         save_weights(np, ref, "ref/custom", model, grads)

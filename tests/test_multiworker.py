@@ -160,6 +160,15 @@ def test_fit_logs_the_mean_over_workers(results):
         np.testing.assert_array_equal(loss[0], loss[1])
 
 
+def test_evaluate_equals_one_process(results):
+    backend, w0, w1, ref = results
+    if backend != "tensorflow":
+        pytest.skip("the workaround is TensorFlow's")
+    # Each worker's mean loss over its shards, averaged over the workers.
+    np.testing.assert_array_equal(w0["evaluate"], w1["evaluate"])
+    assert_close(w0["evaluate"], ref["evaluate"], rtol=1e-6, what="evaluate")
+
+
 def test_keras_fit_still_needs_the_workaround(results):
     """Keras 3.15's own `fit` fails under MWMS, also with Keras's own BN.
 

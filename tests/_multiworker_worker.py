@@ -152,11 +152,13 @@ def tensorflow_main(index, address, out):
             model.set_weights(init_weights(np, model))
             model.compile(keras.optimizers.SGD(LR), "mse", jit_compile=False)
         history = model.fit(global_dataset(), verbose=0, shuffle=False)
+        log("fit done")
         save_weights(np, results, f"fit/{sync}", model)
         results[f"loss/{sync}"] = np.array(history.history["loss"])
         if sync:  # Inference: the same moving statistics on every worker.
             loss = model.evaluate(global_dataset(), verbose=0)
             results["evaluate"] = np.array(loss)
+            log("evaluate done")
 
         with strategy.scope():
             model = make_model(keras, keras.Sequential, bn_factory(sync))

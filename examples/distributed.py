@@ -18,8 +18,9 @@ moving statistics with the exact ones. Three ways to run it:
   `TF_CONFIG`, one replica per process; Keras 3.15's `fit` needs
   examples/multi_worker_fit.py there), or JAX's `jax.distributed` (through
   `keras.distribution.initialize`, Gloo CPU collectives) with
-  `keras.distribution.DataParallel` over all processes' devices. It prints
-  worker 0's output and a digest of every worker's moving statistics. On a real
+  `keras.distribution.DataParallel` over all processes' devices. When they
+  finish it prints worker 0's output and a digest of every worker's moving
+  statistics. On a real
   cluster, start one worker per machine with the same `--cluster` and its own
   `--worker-index`.
 
@@ -51,7 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", choices=["tensorflow", "jax"], default="tensorflow")
     p.add_argument("--devices", type=int, default=2, help="CPU devices (1 process)")
     p.add_argument("--workers", type=int, default=0, help="local worker processes")
-    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--worker-index", type=int, default=None, help="this worker (with --cluster)"
+    )
     p.add_argument(
         "--cluster", default=None, help="host:port of every worker, comma-separated"
     )
@@ -65,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.workers == 1 or args.workers < 0:
         p.error(f"--workers must be 0 (one process) or at least 2, got {args.workers}")
+    if args.worker_index is not None and not args.cluster:
+        p.error("--worker-index needs --cluster host:port,host:port,...")
     return args
 
 
@@ -114,24 +119,16 @@ def launch(args, argv) -> dict:
             out, err = (open(Path(tmp, f"{i}.{s}"), "w") for s in ("out", "err"))
             with out, err:
                 procs.append(subprocess.Popen(cmd, stdout=out, stderr=err))
-        deadline = time.monotonic() + args.timeout
-        for p in procs:
-            try:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                break
-        for p in procs:  # A worker whose peer died waits forever: stop it.
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        wait_all(procs, args.timeout)
         outputs = [Path(tmp, f"{i}.out").read_text() for i in range(args.workers)]
         errors = [Path(tmp, f"{i}.err").read_text() for i in range(args.workers)]
-    print("".join(outputs[0].splitlines(keepends=True)[:-1]), end="")
     codes = [p.returncode for p in procs]
     if any(codes):
+        print(outputs[0], end="")
         for i, code in enumerate(codes):
             print(f"--- worker {i}: exit {code}\n{errors[i][-3000:]}", file=sys.stderr)
         raise SystemExit(1)
+    print("".join(outputs[0].splitlines(keepends=True)[:-1]), end="")
     results = [json.loads(out.splitlines()[-1]) for out in outputs]
     for name in results[0]:
         digests = [r[name]["digest"] for r in results]
@@ -140,6 +137,23 @@ def launch(args, argv) -> dict:
         for i, d in enumerate(digests):
             print(f"  worker {i}: sha1 {d}")
     return {"workers": results}
+
+
+def wait_all(procs, timeout: float) -> None:
+    """Waits for every process; kills the rest when one fails or time is up.
+
+    A worker whose peer died waits for it forever inside a collective.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        codes = [p.poll() for p in procs]
+        if None not in codes or any(codes):
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 # -- one process: setup per backend --------------------------------------------------

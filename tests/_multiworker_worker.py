@@ -177,8 +177,9 @@ def tensorflow_main(index, address, out):
     ref = {}
     if index == 0:
         model.compile(keras.optimizers.SGD(LR), "mse", jit_compile=False)
-        model.fit(x, y, batch_size=GLOBAL, verbose=0, shuffle=False)
+        history = model.fit(x, y, batch_size=GLOBAL, verbose=0, shuffle=False)
         save_weights(np, ref, "ref/fit", model)
+        ref["loss"] = np.array(history.history["loss"])
         ref["evaluate"] = np.array(model.evaluate(x, y, batch_size=GLOBAL, verbose=0))
     else:
         grads = tf_custom_loop(tf, None, model, keras.optimizers.SGD(LR), x, y)

@@ -33,7 +33,7 @@ from harness import assert_close
 
 WORKER = Path(__file__).with_name("_multiworker_worker.py")
 ROOT = WORKER.parents[1]
-TIMEOUT_S = 300  # Both workers together; a run takes 25-55 s on 2 shared cores.
+TIMEOUT_S = 300  # Both workers together; a run took 50-85 s on 2 busy cores.
 ROUTES = ["fit", "custom"]
 
 
@@ -69,11 +69,12 @@ def _run_workers(backend: str, out: Path) -> None:
         cmd = [sys.executable, str(WORKER), backend, str(index), address, str(out)]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log))
     deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
+    try:  # A worker whose peer died would wait for it until the deadline.
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]
+            if None not in codes or any(codes):
+                break
+            time.sleep(0.2)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -146,18 +147,20 @@ def test_unsynchronized(results, route):
         else:  # Summed gradients: the same update on both workers...
             np.testing.assert_array_equal(ours[0][name], ours[1][name], err_msg=name)
         # ... but not the one-process update: shard statistics are not global.
-        if name.startswith(("grad0/1:", "1:", "3:", "4:")):  # gamma, moving_*
+        if name.endswith((":gamma", ":moving_mean", ":moving_variance")):
             assert _gap(ours[0][name], reference[name]) > 0.01, name
 
 
 def test_fit_logs_the_mean_over_workers(results):
-    backend, w0, w1, _ = results
+    backend, w0, w1, ref = results
     if backend != "tensorflow":
         pytest.skip("the workaround is TensorFlow's")
     for sync in (True, False):
         loss = [w[f"loss/{sync}"] for w in (w0, w1)]
         assert loss[0].shape == (1,) and np.isfinite(loss[0]).all()
         np.testing.assert_array_equal(loss[0], loss[1])
+    # Equal shards: the mean of the workers' mean losses is the global mean.
+    assert_close(w0["loss/True"], ref["loss"], rtol=1e-6, what="logged loss")
 
 
 def test_evaluate_equals_one_process(results):

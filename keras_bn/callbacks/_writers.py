@@ -14,6 +14,9 @@ from keras_bn.callbacks._history import is_nan
 class CsvWriter:
     """Appends history rows to a CSV file with a header (style of `CSVLogger`).
 
+    Rows are buffered; `flush` (called by the callbacks at each epoch end) and
+    `close` write them out.
+
     Args:
         path: The file to write; its folder is created if needed. An existing
             file is overwritten when `append=False`.
@@ -35,8 +38,10 @@ class CsvWriter:
             self._writer.writerow(self._columns)
 
     def write(self, rows: Sequence[dict]) -> None:
-        for row in rows:
-            self._writer.writerow([row[c] for c in self._columns])
+        self._writer.writerows([row[c] for c in self._columns] for row in rows)
+
+    def flush(self) -> None:
+        """Pushes the buffered rows to the file (the callbacks: every epoch)."""
         self._file.flush()
 
     def close(self) -> None:
@@ -87,7 +92,11 @@ class TensorBoardWriter:
                 values = np.asarray(values, dtype="float64").ravel()
                 if values.size:
                     tf.summary.histogram(f"{self._prefix}/{tag}", values)
-        self._writer.flush()
+
+    def flush(self) -> None:
+        """Writes the buffered events to disk (the callbacks: every epoch)."""
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:

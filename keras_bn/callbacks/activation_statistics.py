@@ -41,19 +41,20 @@ def _check_percentiles(percentiles) -> tuple[float, ...]:
 
 
 def _percentiles(x: np.ndarray, qs) -> list[float]:
-    """`np.percentile(x, qs)` (linear) of a 1-D array, by partial selection.
+    """`np.percentile(x, qs)` (linear) of a 1-D array, without its float64 copy.
 
-    Selects only the order statistics needed (`np.partition`, in `x`'s own
-    dtype, exact) and interpolates them in float64 as NumPy does.
+    Sorts `x` in its own dtype (exact; NumPy's vectorized sort is several times
+    faster than the selection `np.percentile` runs on 10^5 float32 values) and
+    interpolates the two neighbouring order statistics in float64 as NumPy
+    does. Any NaN makes every percentile NaN, as in NumPy.
     """
-    n = x.size
     if np.isnan(x).any():
         return [float("nan")] * len(qs)
-    index = np.asarray(qs, dtype="float64") / 100 * (n - 1)
+    index = np.asarray(qs, dtype="float64") / 100 * (x.size - 1)
     lo = np.floor(index).astype(np.int64)
-    hi = np.minimum(lo + 1, n - 1)
-    picked = np.partition(x, np.unique(np.concatenate([lo, hi])))
-    a, b = picked[lo].astype("float64"), picked[hi].astype("float64")
+    hi = np.minimum(lo + 1, x.size - 1)
+    ordered = np.sort(x)
+    a, b = ordered[lo].astype("float64"), ordered[hi].astype("float64")
     t = index - lo
     out = np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
     return [float(v) for v in out]
@@ -251,8 +252,9 @@ class ActivationStatistics(StatisticsCallback):
     def _reduce(self, outputs):
         # In the compiled probe: keep one unit, flatten, float32 statistics
         # under mixed precision. Percentiles need every value, and an exact
-        # selection on the host (np.partition) is far cheaper than a sort in
-        # XLA on CPU, so the flat tensor itself crosses to the host.
+        # sort on the host (NumPy's vectorized sort) is far cheaper than one
+        # in XLA on CPU (measured: 17-42 ms vs 0.2 ms for 10^5 values, see
+        # docs/callbacks.md), so the flat tensor itself crosses to the host.
         ops = keras.ops
         out = []
         for x in outputs:

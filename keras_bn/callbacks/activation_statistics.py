@@ -88,9 +88,11 @@ class ActivationStatistics(StatisticsCallback):
     training batches (and at steps 0 and the last), one compiled forward pass of
     the fixed `probe_data` returns the tensors of all chosen layers together,
     and for each layer the callback records the requested percentiles, mean,
-    standard deviation (population, ddof=0) and fraction of saturated units,
-    computed in float64 over all probe examples and all units (or one unit, see
-    `unit`). The forward pass runs in inference mode unless `training=True`.
+    standard deviation (population, ddof=0) and fraction of saturated units
+    over all probe examples and all units (or one unit, see `unit`): exact
+    percentiles of the float32 values (interpolated in float64), moments
+    accumulated in float64. The forward pass runs in inference mode unless
+    `training=True`.
 
     Saturation: a value x of a sigmoid (tanh) input is saturated when
     |x| > threshold. With `saturation_threshold="auto"` the thresholds are

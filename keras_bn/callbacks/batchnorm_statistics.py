@@ -52,11 +52,13 @@ class BatchNormStatistics(StatisticsCallback):
     when the two disagree, the network computes something different at
     inference than it was trained on. Every `every_n_batches` training batches
     (and at steps 0 and the last) one compiled forward pass of the fixed
-    `probe_data` (in inference mode unless `training=True`) returns the input
-    of every tracked BN layer; the callback computes, per channel c (the
-    layer's `axis`), the batch mean m_c and variance v_c (ddof=0, float64, over
-    all other axes) and compares them with the layer's current `moving_mean`
-    M_c and `moving_variance` V_c:
+    `probe_data` (in inference mode unless `training=True`) computes, for the
+    input of every tracked BN layer and per channel c (the layer's `axis`), the
+    batch mean m_c and variance v_c (ddof=0, over all other axes; in float32
+    inside the compiled call, shifted and in two passes so that large means
+    stay exact, so only per-channel vectors reach the host); the callback
+    compares them, in float64, with the layer's current `moving_mean` M_c and
+    `moving_variance` V_c:
 
         mean_gap_c = |m_c - M_c| / sqrt(v_c + epsilon)
         variance_log_ratio_c = |log((V_c + epsilon) / (v_c + epsilon))|

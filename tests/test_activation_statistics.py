@@ -11,6 +11,7 @@ import pytest
 
 import keras_bn
 from keras_bn.callbacks import SATURATION_THRESHOLDS, ActivationStatistics
+from keras_bn.callbacks.activation_statistics import _percentiles
 
 # Percentiles are computed in float64 from the float32 probe outputs, so the
 # only difference to the reference is the float32 forward itself (XLA-compiled
@@ -50,20 +51,21 @@ def _reference(model, layer, which, probe, unit=None):
 
 
 class _Reference(keras.callbacks.Callback):
-    """Placed after the statistics callback: recomputes the percentiles with a
-    separate eager forward whenever that callback has just recorded."""
+    """Recomputes the percentiles with a separate eager forward after every
+    training batch, keyed by the global step (batches trained so far)."""
 
-    def __init__(self, stats, layer, which, probe):
+    def __init__(self, layer, which, probe):
         super().__init__()
-        self.stats, self.layer, self.which, self.probe = stats, layer, which, probe
+        self.layer, self.which, self.probe = layer, which, probe
         self.seen = {}
+        self.step = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.stats._last_recorded == self.stats._step:
-            if hasattr(self.model, "jax_state_sync"):
-                self.model.jax_state_sync()
-            x = _reference(self.model, self.layer, self.which, self.probe)
-            self.seen[self.stats._step] = np.percentile(x, [15, 50, 85])
+        self.step += 1
+        if hasattr(self.model, "jax_state_sync"):
+            self.model.jax_state_sync()
+        x = _reference(self.model, self.layer, self.which, self.probe)
+        self.seen[self.step] = np.percentile(x, [15, 50, 85])
 
 
 @pytest.mark.parametrize("which", ["input", "output"])
@@ -101,24 +103,122 @@ class _SyncFallback(ActivationStatistics):
         self._probe._index = {}
 
 
+class _BeginReference(keras.callbacks.Callback):
+    """Like `_Reference`, but reads the weights in `on_train_batch_begin` and
+    `on_epoch_end` (before the next step, after the epoch's last), so that it
+    leaves Keras's asynchronous dispatch of batch-end hooks on."""
+
+    def __init__(self, layer, which, probe):
+        super().__init__()
+        self.layer, self.which, self.probe = layer, which, probe
+        self.seen = {}
+        self.start = 0
+
+    def _read(self, step):
+        if hasattr(self.model, "jax_state_sync"):
+            self.model.jax_state_sync()
+        x = _reference(self.model, self.layer, self.which, self.probe)
+        self.seen[step] = np.percentile(x, [15, 50, 85])
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch:
+            self._read(self.start + batch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.start += self.params["steps"]
+        self._read(self.start)
+
+
+@pytest.mark.parametrize("reference", [_Reference, _BeginReference])
 @pytest.mark.parametrize("callback", [ActivationStatistics, _SyncFallback])
-def test_mid_training_records_read_current_weights(rng, callback):
+def test_mid_training_records_read_current_weights(rng, callback, reference):
     """On JAX the weights live in the trainer's state during fit; each record
     must see the weights after that very step (not stale or initial ones),
-    whether read from that state or after `jax_state_sync()`."""
+    whether read from that state or after `jax_state_sync()`, and whether
+    Keras runs batch-end hooks synchronously or asynchronously."""
     model = _model(rng)
     x, y = _data(rng)
     stats = callback("act1", probe_data=x[:32], every_n_batches=1)
-    ref = _Reference(stats, "act1", "input", x[:32])
+    ref = reference("act1", "input", x[:32])
+    # Keras (private API, read only here) dispatches batch-end hooks on worker
+    # threads on thread-safe backends unless a callback's hook may block.
+    dispatch = keras.callbacks.CallbackList([stats, ref], model=model)._async_train
+    expected = reference is _BeginReference and keras.backend.backend() == "jax"
+    assert dispatch is expected
     model.fit(x, y, batch_size=16, epochs=2, callbacks=[stats, ref], verbose=0)
     d = stats.history.as_dict()
     assert d["step"] == list(range(13))
     assert sorted(ref.seen) == list(range(1, 13))
     for step, expected in ref.seen.items():
         got = [d[k][step] for k in ("p15", "p50", "p85")]
-        np.testing.assert_allclose(got, expected, RTOL, ATOL)
+        np.testing.assert_allclose(got, expected, RTOL, ATOL, err_msg=f"{step=}")
     # SGD at lr 0.5 moves the weights at every step, so records must differ.
     assert len(set(d["p50"])) == len(d["p50"])
+
+
+class _CountTraces(ActivationStatistics):
+    traces = 0
+
+    def _reduce(self, outputs):
+        type(self).traces += 1  # runs only while the probe is being traced
+        return super()._reduce(outputs)
+
+
+def test_probe_compiled_once_and_reduced_inside(rng):
+    """The probe is traced once for all records of two fits (the values come
+    from the trainer's state or from the variables: same signature), and
+    returns the reduced (one unit, flat) tensor, not the layer's output."""
+    _CountTraces.traces = 0
+    model = _model(rng)
+    x, y = _data(rng)
+    stats = _CountTraces("act1", probe_data=x[:40], every_n_batches=1, unit=3)
+    for _ in range(2):
+        model.fit(x, y, batch_size=16, epochs=2, callbacks=[stats], verbose=0)
+    assert len(stats.history) == 13
+    assert _CountTraces.traces == 1
+    (values,) = stats._probe.run()
+    assert values.shape == (40,) and values.dtype == np.float32
+    np.testing.assert_allclose(
+        values, _reference(model, "act1", "input", x[:40], unit=3), RTOL, ATOL
+    )
+
+
+def test_compute_returns_statistics_the_history_holds(rng):
+    """`_compute` gives `{layer: {statistic: value}}`; the base class writes the
+    history rows (and CSV/TensorBoard) from exactly that."""
+    model = _model(rng)
+    x, y = _data(rng)
+    stats = ActivationStatistics(
+        ["act1", ("d2", "output")], probe_data=x[:40], every_n_batches=100
+    )
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
+    computed = stats._compute(stats._probe.run())
+    assert list(computed) == ["act1", "d2"]
+    rows = stats.history.rows()[-2:]
+    for row, (layer, values) in zip(rows, computed.items(), strict=True):
+        assert list(values) == ["p15", "p50", "p85", "mean", "std", "saturated"]
+        assert row["layer"] == layer
+        assert row["tensor"] == {"act1": "input", "d2": "output"}[layer]
+        np.testing.assert_equal({k: row[k] for k in values}, values)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+@pytest.mark.parametrize("qs", [(15, 50, 85), (0, 2.5, 100), (33.3,)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_percentiles_equal_numpy(rng, n, qs, ties):
+    x = rng.normal(size=n).astype("float32")
+    if ties:
+        x = np.round(x)
+    # Same order statistics; only float64 rounding of the interpolation index
+    # can differ from NumPy's: rtol 1e-12.
+    ref = np.percentile(x.astype("float64"), qs)
+    np.testing.assert_allclose(_percentiles(x, qs), ref, rtol=1e-12, atol=0)
+
+
+def test_percentiles_nan_like_numpy():
+    x = np.array([1.0, np.nan, 3.0], dtype="float32")
+    assert all(math.isnan(v) for v in _percentiles(x, (15, 50)))
+    assert np.isnan(np.percentile(x, (15, 50))).all()
 
 
 @pytest.mark.parametrize(
@@ -212,6 +312,29 @@ def test_csv_written_and_files_closed(rng, tmp_path):
     assert list(rows[0]) == list(d)
     assert [int(r["step"]) for r in rows] == d["step"] == [0, 2, 4, 6]
     np.testing.assert_allclose([float(r["p50"]) for r in rows], d["p50"], rtol=1e-12)
+
+
+class _CsvLines(keras.callbacks.Callback):
+    def __init__(self, path):
+        super().__init__()
+        self.path, self.lines = path, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        with open(self.path) as f:
+            self.lines.append(len(f.readlines()))
+
+
+def test_csv_flushed_at_each_epoch_end(rng, tmp_path):
+    model = _model(rng)
+    x, y = _data(rng)  # 6 batches per epoch
+    path = tmp_path / "act.csv"
+    stats = ActivationStatistics(
+        "act1", probe_data=x[:16], every_n_batches=2, csv_path=path
+    )
+    lines = _CsvLines(path)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[stats, lines], verbose=0)
+    # header + steps 0, 2, 4, 6, then 8, 10, 12
+    assert lines.lines == [5, 8]
 
 
 def _read_events(log_dir):

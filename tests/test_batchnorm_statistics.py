@@ -10,6 +10,7 @@ import pytest
 
 import keras_bn
 from keras_bn.callbacks import BatchNormStatistics
+from keras_bn.callbacks.batchnorm_statistics import _STATISTICS
 
 # Statistics are computed in float64 from float32 probe outputs; the reference
 # differs only by the float32 forward (compiled probe vs. eager): rtol 1e-5,
@@ -99,6 +100,51 @@ def test_statistics_equal_numpy(rng, bn, build, shape):
             np.testing.assert_allclose(row[key], value, RTOL, ATOL, err_msg=key)
     first = rows[0]  # before training: moving stats are 0 and 1
     assert first["moving_mean"] == 0.0 and first["moving_variance"] == 1.0
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_batch_moments_stable_for_large_means(rng, axis):
+    """Batch moments are computed in float32 inside the probe: with inputs of
+    mean 1e4 and standard deviation 1 they must still match float64 NumPy
+    (a one-pass float32 variance would be off by orders of magnitude)."""
+    inputs = keras.Input((3, 4))
+    h = keras_bn.BatchNormalization(axis=axis, name="bn1")(inputs)
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(h))
+    model = _compile(keras.Model(inputs, outputs), lr=0.0)
+    x = (1e4 + rng.normal(size=(64, 3, 4))).astype("float32")
+    y = rng.integers(0, 3, 64)
+    stats = BatchNormStatistics(probe_data=x[:48], every_n_batches=100)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
+    row = stats.history.rows()[-1]
+    ref = x[:48].astype("float64")
+    reduce = tuple(i for i in range(3) if i != axis % 3)
+    m, v = ref.mean(axis=reduce), ref.var(axis=reduce)
+    np.testing.assert_allclose(row["batch_mean"], m.mean(), RTOL, ATOL)
+    np.testing.assert_allclose(row["batch_variance"], v.mean(), RTOL, ATOL)
+    layer = model.get_layer("bn1")
+    mm = keras.ops.convert_to_numpy(layer.moving_mean).astype("float64")
+    gap = np.abs(m - mm) / np.sqrt(v + layer.epsilon)
+    np.testing.assert_allclose(row["mean_gap_max"], gap.max(), RTOL, ATOL)
+
+
+def test_compute_returns_statistics_the_history_holds(rng):
+    """`_compute` gives `{layer: {statistic: value}}` with the statistics of
+    `_STATISTICS`, in column order; the history rows hold exactly those."""
+    model = _compile(_dense_model(rng, keras_bn.BatchNormalization))
+    x, y = _data(rng, (5,))
+    stats = BatchNormStatistics(probe_data=x[:16], every_n_batches=100)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
+    assert stats.history.columns == ("step", "epoch", "layer", *_STATISTICS)
+    computed = stats._compute(stats._probe.run())
+    assert list(computed) == ["bn1", "bn2"]
+    for row, (layer, values) in zip(
+        stats.history.rows()[-2:], computed.items(), strict=True
+    ):
+        assert list(values) == list(_STATISTICS) and row["layer"] == layer
+        np.testing.assert_equal({k: row[k] for k in values}, values)
+    # The probe returns three per-channel vectors per layer, not the inputs.
+    shapes = [[a.shape for a in moments] for moments in stats._probe.run()]
+    assert shapes == [[(7,)] * 3, [(4,)] * 3]
 
 
 class _MovingMeans(keras.callbacks.Callback):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import threading
 
 import keras
 
@@ -34,14 +35,45 @@ class StatisticsCallback(keras.callbacks.Callback):
     `steps_per_execution > 1`, Keras calls batch callbacks once per execution,
     so a record lands on the first execution end at or past each multiple.
 
-    Subclasses define `_columns()`, `_tensors(model)` (the symbolic tensors the
-    probe returns) and `_rows(step, epoch, values)`.
+    A record due after step s is taken in `on_train_batch_begin` of the next
+    batch (the same weights: nothing changes them in between), or in
+    `on_epoch_end` after an epoch's last batch. `on_train_batch_end` only counts
+    batches and is safe for Keras's asynchronous dispatch (`async_safe`), so
+    the callback does not make Keras wait for every training step to finish
+    (on JAX a callback with a blocking `on_train_batch_end` does).
+
+    Subclasses compute, the base class writes. A subclass defines:
+
+    * `_tensors(model)`: the symbolic tensors the probe returns;
+    * `_statistics()`: the names of the statistics, in column order (the one
+      list that defines the history and CSV columns);
+    * `_reduce(outputs)` (optional): what the compiled probe makes of those
+      tensors with `keras.ops`, so that only its results cross to the host;
+    * `_compute(values)`: `{layer: {statistic: float}}` from the probe's
+      NumPy results, with exactly the names of `_statistics()`;
+    * `_histograms(values)` (optional): `{layer: {name: array}}` for
+      TensorBoard histograms (tag `<layer>[/<label>...]/<name>`, or without
+      `/<name>` when `name` is empty), computed only when they are written;
+    * `_labels(layer)` (optional): extra text columns of a layer's rows (e.g.
+      `{"tensor": "input"}`), also part of the TensorBoard tags.
+
+    From these the base class writes the history, the CSV file and the
+    TensorBoard scalars (`<prefix>/<layer>[/<label>...]/<statistic>`).
     """
 
     _tb_prefix = "statistics"
+    _label_columns: tuple[str, ...] = ()
+    #: Keras may run `on_train_batch_end` on a worker thread: it only counts.
+    async_safe = True
 
     def __init__(
-        self, probe_data, every_n_batches, csv_path=None, log_dir=None, training=False
+        self,
+        probe_data,
+        every_n_batches,
+        csv_path=None,
+        log_dir=None,
+        training=False,
+        histograms=True,
     ):
         super().__init__()
         if not isinstance(training, bool):
@@ -50,6 +82,7 @@ class StatisticsCallback(keras.callbacks.Callback):
                 f"mode). Received: training={training!r}"
             )
         self.training = training
+        self.histograms = bool(histograms)
         self.every_n_batches = check_every_n_batches(every_n_batches)
         self._probe_x = check_probe(probe_data)
         self.csv_path = None if csv_path is None else os.fspath(csv_path)
@@ -59,26 +92,63 @@ class StatisticsCallback(keras.callbacks.Callback):
         self._probe_key = None
         self._csv = None
         self._tb = None
+        self._lock = threading.Lock()
         self._step = 0
         self._epoch = 0
         self._epoch_start = 0
+        self._epoch_done = 0
         self._last_recorded = None
 
     # -- to override -------------------------------------------------------
-    def _columns(self) -> list[str]:
+    def _statistics(self) -> list[str]:
         raise NotImplementedError
 
     def _tensors(self, model) -> list:
         raise NotImplementedError
 
-    def _rows(self, step, epoch, values) -> tuple[list[dict], dict, dict]:
-        """Returns `(history rows, TensorBoard scalars, TensorBoard histograms)`."""
+    def _reduce(self, outputs):
+        return outputs
+
+    def _compute(self, values) -> dict[str, dict[str, float]]:
         raise NotImplementedError
+
+    def _histograms(self, values) -> dict[str, dict]:
+        return {}
+
+    def _labels(self, layer: str) -> dict[str, str]:
+        return {}
+
+    # -- columns and writing -----------------------------------------------
+    def _columns(self) -> list[str]:
+        return ["step", "epoch", "layer", *self._label_columns, *self._statistics()]
+
+    def _write(self, statistics: dict, histograms: dict) -> None:
+        """Appends one record (`{layer: {statistic: value}}`) to every output."""
+        rows, scalars, hists = [], {}, {}
+        for layer, stats in statistics.items():
+            labels = self._labels(layer)
+            path = "/".join([layer, *labels.values()])
+            row = {"step": self._step, "epoch": self._epoch, "layer": layer}
+            row.update(labels)
+            row.update((name, float(value)) for name, value in stats.items())
+            rows.append(row)
+            scalars.update((f"{path}/{k}", float(v)) for k, v in stats.items())
+        for layer, named in histograms.items():
+            path = "/".join([layer, *self._labels(layer).values()])
+            hists.update(
+                (f"{path}/{name}" if name else path, v) for name, v in named.items()
+            )
+        for row in rows:
+            self.history.append(row)
+        if self._csv is not None:
+            self._csv.write(rows)
+        if self._tb is not None:
+            self._tb.write(self._step, scalars, hists)
 
     # -- lifecycle ---------------------------------------------------------
     def on_train_begin(self, logs=None):
         self.history.clear()
-        self._step = self._epoch = self._epoch_start = 0
+        self._step = self._epoch = self._epoch_start = self._epoch_done = 0
         self._last_recorded = None
         tensors = self._tensors(self.model)
         # Reuse the compiled probe only for the very same model and tensors
@@ -88,8 +158,11 @@ class StatisticsCallback(keras.callbacks.Callback):
         if not (
             same and all(a is b for a, b in zip(key, self._probe_key, strict=True))
         ):
-            self._probe = Probe(self.model, tensors, self._probe_x, self.training)
+            self._probe = Probe(
+                self.model, tensors, self._probe_x, self.training, self._reduce
+            )
             self._probe_key = key
+        self._probe.refresh()
         self.close()
         if self.log_dir is not None:
             self._tb = TensorBoardWriter(self.log_dir, self._tb_prefix)
@@ -100,19 +173,28 @@ class StatisticsCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._epoch_start = self._step
+        self._epoch_done = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # `batch` batches of this epoch are done: take a record due after them.
+        self._advance(self._epoch_start + int(batch))
 
     def on_train_batch_end(self, batch, logs=None):
-        previous = self._step
         done = int(batch) + 1
         # With steps_per_execution > 1 Keras reports the nominal end of the last
         # execution of an epoch, which can lie past the epoch's real last batch.
         per_epoch = (self.params or {}).get("steps")
         if per_epoch:
             done = min(done, int(per_epoch))
-        self._step = self._epoch_start + done
-        n = self.every_n_batches
-        if self._step // n > previous // n:
-            self.record()
+        with self._lock:  # possibly on one of Keras's worker threads
+            self._epoch_done = max(self._epoch_done, done)
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Keras has waited for every `on_train_batch_end` of the epoch.
+        self._advance(self._epoch_start + self._epoch_done)
+        for writer in (self._csv, self._tb):
+            if writer is not None:
+                writer.flush()
 
     def on_train_end(self, logs=None):
         try:
@@ -121,16 +203,20 @@ class StatisticsCallback(keras.callbacks.Callback):
         finally:
             self.close()
 
+    def _advance(self, step: int) -> None:
+        previous, self._step = self._step, max(self._step, step)
+        n = self.every_n_batches
+        if self._step // n > previous // n:
+            self.record()
+
     def record(self) -> None:
         """Runs the probe now and appends the statistics at the current step."""
         values = self._probe.run()
-        rows, scalars, histograms = self._rows(self._step, self._epoch, values)
-        for row in rows:
-            self.history.append(row)
-        if self._csv is not None:
-            self._csv.write(rows)
-        if self._tb is not None:
-            self._tb.write(self._step, scalars, histograms)
+        statistics = self._compute(values)
+        histograms = (
+            self._histograms(values) if self._tb is not None and self.histograms else {}
+        )
+        self._write(statistics, histograms)
         self._last_recorded = self._step
 
     def close(self) -> None:

@@ -107,9 +107,13 @@ class Probe:
         tensors: Symbolic tensors of that model.
         x: The probe inputs (NumPy), as returned by `check_probe`.
         training: Run the layers in training mode (default: inference mode).
+        reduce: Optional function applied to the list of output tensors
+            inside the compiled call (with `keras.ops`), so that only its
+            (small) results cross to the host; `run` returns them as NumPy,
+            in the same structure.
     """
 
-    def __init__(self, model, tensors: list, x, training: bool = False):
+    def __init__(self, model, tensors: list, x, training: bool = False, reduce=None):
         inputs = getattr(model, "inputs", None)
         if not inputs:
             raise ValueError(
@@ -125,11 +129,15 @@ class Probe:
         training = bool(training)
 
         def stateless(trainable, non_trainable, x):
-            return self._sub.stateless_call(
+            outs = self._sub.stateless_call(
                 trainable, non_trainable, x, training=training
             )[0]
+            if reduce is None:
+                return outs
+            return reduce(list(outs) if isinstance(outs, (list, tuple)) else [outs])
 
         self._x = x
+        self._variables = None
         self._index = self._state_index(model) if self._backend == "jax" else None
         if self._backend == "tensorflow":
             import tensorflow as tf
@@ -172,13 +180,22 @@ class Probe:
             model.jax_state_sync()
         return variable.value
 
-    def run(self) -> list[np.ndarray]:
-        """Returns the tensors' current values on the probe batch, as NumPy."""
+    def refresh(self) -> None:
+        """Re-reads which variables are trainable (call when training starts)."""
+        self._variables = None
+
+    def run(self):
+        """Returns the tensors' current values on the probe batch (or what
+        `reduce` makes of them), as NumPy."""
+        if self._variables is None:
+            sub = self._sub  # walking the layers is slow: once per `fit`
+            self._variables = (sub.trainable_variables, sub.non_trainable_variables)
+        trainable, non_trainable = self._variables
         outs = self._fn(
-            [self.value(v) for v in self._sub.trainable_variables],
-            [self.value(v) for v in self._sub.non_trainable_variables],
+            [self.value(v) for v in trainable],
+            [self.value(v) for v in non_trainable],
             self._x,
         )
         if not isinstance(outs, (list, tuple)):  # a one-output model unwraps
             outs = [outs]
-        return [keras.ops.convert_to_numpy(o) for o in outs]
+        return keras.tree.map_structure(keras.ops.convert_to_numpy, list(outs))

@@ -14,6 +14,9 @@ from keras_bn.callbacks._history import is_nan
 class CsvWriter:
     """Appends history rows to a CSV file with a header (style of `CSVLogger`).
 
+    Rows are buffered; `flush` (called by the callbacks at each epoch end) and
+    `close` write them out.
+
     Args:
         path: The file to write; its folder is created if needed. An existing
             file is overwritten when `append=False`.
@@ -35,8 +38,10 @@ class CsvWriter:
             self._writer.writerow(self._columns)
 
     def write(self, rows: Sequence[dict]) -> None:
-        for row in rows:
-            self._writer.writerow([row[c] for c in self._columns])
+        self._writer.writerows([row[c] for c in self._columns] for row in rows)
+
+    def flush(self) -> None:
+        """Pushes the buffered rows to the file (the callbacks: every epoch)."""
         self._file.flush()
 
     def close(self) -> None:
@@ -63,6 +68,9 @@ class TensorBoardWriter:
 
     Works on every Keras backend as long as TensorFlow is importable: the values
     are NumPy arrays computed by the callback, so no tensor crosses backends.
+    One record's summaries are written by one `tf.function` call (traced once
+    per set of tags), not op by op in eager mode, which costs about 1-2 ms per
+    summary.
 
     Args:
         log_dir: The folder for the event files.
@@ -73,23 +81,52 @@ class TensorBoardWriter:
         tf = _import_tf_summary()
         self._tf = tf
         self._prefix = prefix
+        self._functions = {}
         with tf.device("/cpu:0"):
             self._writer = tf.summary.create_file_writer(os.fspath(log_dir))
 
+    def _function(self, scalar_tags: tuple, histogram_tags: tuple):
+        tf, writer = self._tf, self._writer
+
+        @tf.function(reduce_retracing=True)
+        def write(step, scalars, histograms):
+            with writer.as_default(step=step):
+                for i, tag in enumerate(scalar_tags):
+                    tf.summary.scalar(tag, scalars[i])
+                for tag, values in zip(histogram_tags, histograms, strict=True):
+                    tf.summary.histogram(tag, values)
+
+        return write
+
     def write(self, step: int, scalars: dict, histograms: dict) -> None:
-        """Writes `{tag: float}` scalars and `{tag: array}` histograms at `step`."""
+        """Writes `{tag: float}` scalars (NaN skipped) and `{tag: array}`
+        histograms (empty ones skipped) at `step`."""
         tf = self._tf
-        with tf.device("/cpu:0"), self._writer.as_default(step=int(step)):
-            for tag, value in scalars.items():
-                if not is_nan(value):
-                    tf.summary.scalar(f"{self._prefix}/{tag}", float(value))
-            for tag, values in histograms.items():
-                values = np.asarray(values, dtype="float64").ravel()
-                if values.size:
-                    tf.summary.histogram(f"{self._prefix}/{tag}", values)
-        self._writer.flush()
+        scalars = {t: float(v) for t, v in scalars.items() if not is_nan(v)}
+        histograms = {
+            t: np.asarray(v, dtype="float64").ravel() for t, v in histograms.items()
+        }
+        histograms = {t: v for t, v in histograms.items() if v.size}
+        key = (
+            tuple(f"{self._prefix}/{t}" for t in scalars),
+            tuple(f"{self._prefix}/{t}" for t in histograms),
+        )
+        if key not in self._functions:
+            self._functions[key] = self._function(*key)
+        with tf.device("/cpu:0"):
+            self._functions[key](
+                tf.constant(int(step), tf.int64),
+                tf.constant(list(scalars.values()), tf.float32, shape=[len(scalars)]),
+                [tf.constant(v) for v in histograms.values()],
+            )
+
+    def flush(self) -> None:
+        """Writes the buffered events to disk (the callbacks: every epoch)."""
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self._functions = {}

@@ -40,6 +40,26 @@ def _check_percentiles(percentiles) -> tuple[float, ...]:
     return tuple(float(q) for q in qs)
 
 
+def _percentiles(x: np.ndarray, qs) -> list[float]:
+    """`np.percentile(x, qs)` (linear) of a 1-D array, without its float64 copy.
+
+    Sorts `x` in its own dtype (exact; NumPy's vectorized sort is several times
+    faster than the selection `np.percentile` runs on 10^5 float32 values) and
+    interpolates the two neighbouring order statistics in float64 as NumPy
+    does. Any NaN makes every percentile NaN, as in NumPy.
+    """
+    if np.isnan(x).any():
+        return [float("nan")] * len(qs)
+    index = np.asarray(qs, dtype="float64") / 100 * (x.size - 1)
+    lo = np.floor(index).astype(np.int64)
+    hi = np.minimum(lo + 1, x.size - 1)
+    ordered = np.sort(x)
+    a, b = ordered[lo].astype("float64"), ordered[hi].astype("float64")
+    t = index - lo
+    out = np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
+    return [float(v) for v in out]
+
+
 def _check_which(value, argument="tensor") -> str:
     if value not in _WHICH:
         raise ValueError(
@@ -68,9 +88,11 @@ class ActivationStatistics(StatisticsCallback):
     training batches (and at steps 0 and the last), one compiled forward pass of
     the fixed `probe_data` returns the tensors of all chosen layers together,
     and for each layer the callback records the requested percentiles, mean,
-    standard deviation (population, ddof=0) and fraction of saturated units,
-    computed in float64 over all probe examples and all units (or one unit, see
-    `unit`). The forward pass runs in inference mode unless `training=True`.
+    standard deviation (population, ddof=0) and fraction of saturated units
+    over all probe examples and all units (or one unit, see `unit`): exact
+    percentiles of the float32 values (interpolated in float64), moments
+    accumulated in float64. The forward pass runs in inference mode unless
+    `training=True`.
 
     Saturation: a value x of a sigmoid (tanh) input is saturated when
     |x| > threshold. With `saturation_threshold="auto"` the thresholds are
@@ -121,6 +143,7 @@ class ActivationStatistics(StatisticsCallback):
     """
 
     _tb_prefix = "activations"
+    _label_columns = ("tensor",)
 
     def __init__(
         self,
@@ -162,13 +185,16 @@ class ActivationStatistics(StatisticsCallback):
             )
         self.saturation_threshold = saturation_threshold
         self.layers = layers
-        self.histograms = bool(histograms)
-        self._targets = []
-        super().__init__(probe_data, every_n_batches, csv_path, log_dir, training)
+        self._targets, self._which = [], {}
+        super().__init__(
+            probe_data, every_n_batches, csv_path, log_dir, training, histograms
+        )
 
-    def _columns(self):
-        stats = [_column(q) for q in self.percentiles]
-        return ["step", "epoch", "layer", "tensor", *stats, "mean", "std", "saturated"]
+    def _statistics(self):
+        return [*(_column(q) for q in self.percentiles), "mean", "std", "saturated"]
+
+    def _labels(self, layer):
+        return {"tensor": self._which[layer]}
 
     def _entries(self):
         items = self.layers
@@ -200,7 +226,7 @@ class ActivationStatistics(StatisticsCallback):
     def _tensors(self, model):
         entries = self._entries()
         layers = resolve_layers(model, [e[0] for e in entries])
-        self._targets = []
+        self._targets, self._which = [], {}
         tensors = []
         names = [layer.name for layer in layers]
         twice = sorted({n for n in names if names.count(n) > 1})
@@ -221,37 +247,47 @@ class ActivationStatistics(StatisticsCallback):
                         f"{size} units."
                     )
             self._targets.append((layer.name, which, self._threshold(layer, which)))
+            self._which[layer.name] = which
             tensors.append(tensor)
         return tensors
 
-    def _rows(self, step, epoch, values):
-        rows, scalars, histograms = [], {}, {}
-        for (name, which, threshold), value in zip(self._targets, values, strict=True):
-            x = np.asarray(value, dtype="float64")
+    def _reduce(self, outputs):
+        # In the compiled probe: keep one unit, flatten, float32 statistics
+        # under mixed precision. Percentiles need every value, and an exact
+        # sort on the host (NumPy's vectorized sort) is far cheaper than one
+        # in XLA on CPU (measured: 17-42 ms vs 0.2 ms for 10^5 values, see
+        # docs/callbacks.md), so the flat tensor itself crosses to the host.
+        ops = keras.ops
+        out = []
+        for x in outputs:
             if self.unit is not None:
                 x = x[..., self.unit]
-            x = x.ravel()
-            row = {"step": int(step), "epoch": int(epoch), "layer": name}
-            row["tensor"] = which
-            for q, p in zip(
-                self.percentiles, np.percentile(x, self.percentiles), strict=True
-            ):
-                row[_column(q)] = float(p)
-            row["mean"] = float(np.mean(x))
-            row["std"] = float(np.std(x))
-            row["saturated"] = (
-                float(np.mean(np.abs(x) > threshold))
+            out.append(ops.reshape(ops.cast(x, "float32"), (-1,)))
+        return out
+
+    def _compute(self, values):
+        results = {}
+        for (name, _, threshold), x in zip(self._targets, values, strict=True):
+            stats = {
+                _column(q): p
+                for q, p in zip(
+                    self.percentiles, _percentiles(x, self.percentiles), strict=True
+                )
+            }
+            stats["mean"] = float(np.mean(x, dtype="float64"))
+            stats["std"] = float(np.std(x, dtype="float64"))
+            stats["saturated"] = (
+                np.count_nonzero(np.abs(x) > threshold) / x.size
                 if threshold is not None
                 else float("nan")
             )
-            rows.append(row)
-            tag = f"{name}/{which}"
-            for key in row:
-                if key not in ("step", "epoch", "layer", "tensor"):
-                    scalars[f"{tag}/{key}"] = row[key]
-            if self.histograms:
-                histograms[tag] = x
-        return rows, scalars, histograms
+            results[name] = stats
+        return results
+
+    def _histograms(self, values):
+        return {
+            name: {"": x} for (name, _, _), x in zip(self._targets, values, strict=True)
+        }
 
     def plot(self, path: str | os.PathLike, layers=None, title: str | None = None):
         """Draws the percentile bands over training steps (Figure 1(b,c) style).

@@ -10,16 +10,39 @@ import numpy as np
 from keras_bn.callbacks._base import StatisticsCallback
 from keras_bn.callbacks._probe import layer_tensor, resolve_layers
 
-_STATS = (
-    "moving_mean",
-    "moving_variance",
-    "batch_mean",
-    "batch_variance",
-    "mean_gap",
-    "mean_gap_max",
-    "variance_log_ratio",
-    "variance_log_ratio_max",
-)
+#: The statistics of each row, in column order, as functions of the per-channel
+#: arrays of `_channel_statistics`: the one definition of the columns.
+_STATISTICS = {
+    "moving_mean": lambda c: c["moving_mean"].mean(),
+    "moving_variance": lambda c: c["moving_variance"].mean(),
+    "batch_mean": lambda c: c["batch_mean"].mean(),
+    "batch_variance": lambda c: c["batch_variance"].mean(),
+    "mean_gap": lambda c: c["mean_gap"].mean(),
+    "mean_gap_max": lambda c: c["mean_gap"].max(),
+    "variance_log_ratio": lambda c: c["variance_log_ratio"].mean(),
+    "variance_log_ratio_max": lambda c: c["variance_log_ratio"].max(),
+}
+#: The per-channel arrays written as TensorBoard histograms.
+_HISTOGRAMS = ("mean_gap", "variance_log_ratio")
+
+
+def _channel_moments(x, axis: int):
+    """Per-channel `(shift, mean - shift, variance)` of `x`, with `keras.ops`.
+
+    Runs inside the compiled probe in float32, so only three vectors per layer
+    cross to the host. Stable for large means: the data are first shifted by
+    one example's value of each channel (exact for values within a factor 2 of
+    it), then the variance is taken in two passes on the shifted values; the
+    host adds the shift back in float64.
+    """
+    ops = keras.ops
+    x = ops.cast(x, "float32")
+    x = ops.moveaxis(x, axis % len(x.shape), -1)
+    x = ops.reshape(x, (-1, x.shape[-1]))
+    shift = x[0]
+    d = x - shift
+    mean = ops.mean(d, axis=0)
+    return shift, mean, ops.mean(ops.square(d - mean), axis=0)
 
 
 class BatchNormStatistics(StatisticsCallback):
@@ -29,11 +52,13 @@ class BatchNormStatistics(StatisticsCallback):
     when the two disagree, the network computes something different at
     inference than it was trained on. Every `every_n_batches` training batches
     (and at steps 0 and the last) one compiled forward pass of the fixed
-    `probe_data` (in inference mode unless `training=True`) returns the input
-    of every tracked BN layer; the callback computes, per channel c (the
-    layer's `axis`), the batch mean m_c and variance v_c (ddof=0, float64, over
-    all other axes) and compares them with the layer's current `moving_mean`
-    M_c and `moving_variance` V_c:
+    `probe_data` (in inference mode unless `training=True`) computes, for the
+    input of every tracked BN layer and per channel c (the layer's `axis`), the
+    batch mean m_c and variance v_c (ddof=0, over all other axes; in float32
+    inside the compiled call, shifted and in two passes so that large means
+    stay exact, so only per-channel vectors reach the host); the callback
+    compares them, in float64, with the layer's current `moving_mean` M_c and
+    `moving_variance` V_c:
 
         mean_gap_c = |m_c - M_c| / sqrt(v_c + epsilon)
         variance_log_ratio_c = |log((V_c + epsilon) / (v_c + epsilon))|
@@ -85,12 +110,13 @@ class BatchNormStatistics(StatisticsCallback):
         training: bool = False,
     ):
         self.layers = layers
-        self.histograms = bool(histograms)
         self._bn_layers = []
-        super().__init__(probe_data, every_n_batches, csv_path, log_dir, training)
+        super().__init__(
+            probe_data, every_n_batches, csv_path, log_dir, training, histograms
+        )
 
-    def _columns(self):
-        return ["step", "epoch", "layer", *_STATS]
+    def _statistics(self):
+        return list(_STATISTICS)
 
     def _tensors(self, model):
         if self.layers is None:
@@ -115,36 +141,40 @@ class BatchNormStatistics(StatisticsCallback):
         self._bn_layers = layers
         return [layer_tensor(layer, "input") for layer in layers]
 
-    def _rows(self, step, epoch, values):
-        rows, scalars, histograms = [], {}, {}
-        for layer, x in zip(self._bn_layers, values, strict=True):
-            x = np.asarray(x, dtype="float64")
-            axis = layer.axis % x.ndim
-            reduce = tuple(i for i in range(x.ndim) if i != axis)
-            m, v = x.mean(axis=reduce), x.var(axis=reduce)
-            mm, mv = (
-                keras.ops.convert_to_numpy(self._probe.value(v)).astype("float64")
-                for v in (layer.moving_mean, layer.moving_variance)
-            )
-            eps = float(layer.epsilon)
-            gap = np.abs(m - mm) / np.sqrt(v + eps)
-            ratio = np.abs(np.log((mv + eps) / (v + eps)))
-            stats = {
-                "moving_mean": mm.mean(),
-                "moving_variance": mv.mean(),
-                "batch_mean": m.mean(),
-                "batch_variance": v.mean(),
-                "mean_gap": gap.mean(),
-                "mean_gap_max": gap.max(),
-                "variance_log_ratio": ratio.mean(),
-                "variance_log_ratio_max": ratio.max(),
-            }
-            row = {"step": int(step), "epoch": int(epoch), "layer": layer.name}
-            row.update({k: float(val) for k, val in stats.items()})
-            rows.append(row)
-            for k in _STATS:
-                scalars[f"{layer.name}/{k}"] = row[k]
-            if self.histograms:
-                histograms[f"{layer.name}/mean_gap"] = gap
-                histograms[f"{layer.name}/variance_log_ratio"] = ratio
-        return rows, scalars, histograms
+    def _reduce(self, outputs):
+        return [
+            _channel_moments(x, layer.axis)
+            for layer, x in zip(self._bn_layers, outputs, strict=True)
+        ]
+
+    def _channel_statistics(self, layer, moments) -> dict[str, np.ndarray]:
+        """Per-channel float64 arrays: moving and batch moments, both gaps."""
+        shift, mean, v = (np.asarray(a, dtype="float64") for a in moments)
+        m = shift + mean
+        mm, mv = (
+            keras.ops.convert_to_numpy(self._probe.value(var)).astype("float64")
+            for var in (layer.moving_mean, layer.moving_variance)
+        )
+        eps = float(layer.epsilon)
+        return {
+            "moving_mean": mm,
+            "moving_variance": mv,
+            "batch_mean": m,
+            "batch_variance": v,
+            "mean_gap": np.abs(m - mm) / np.sqrt(v + eps),
+            "variance_log_ratio": np.abs(np.log((mv + eps) / (v + eps))),
+        }
+
+    def _compute(self, values):
+        results = {}
+        for layer, moments in zip(self._bn_layers, values, strict=True):
+            c = self._channel_statistics(layer, moments)
+            results[layer.name] = {k: float(f(c)) for k, f in _STATISTICS.items()}
+        return results
+
+    def _histograms(self, values):
+        results = {}
+        for layer, moments in zip(self._bn_layers, values, strict=True):
+            c = self._channel_statistics(layer, moments)
+            results[layer.name] = {k: c[k] for k in _HISTOGRAMS}
+        return results

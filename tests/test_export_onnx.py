@@ -85,7 +85,7 @@ def test_export_parity_and_node_counts(rng, tmp_path, name):
         np.testing.assert_array_equal(a, b)
     assert report.max_rel_error <= RTOL
     assert report.fold_report.num_kept == 0
-    after = report.nodes_after
+    after = report.nodes
     assert "BatchNormalization" not in after and "Mul" not in after
     assert report.nodes_before.get("Mul", 0) >= 1  # tf2onnx keeps BN as Mul/Add
     proto = onnx.load(str(path))
@@ -107,7 +107,7 @@ def test_kept_bn_is_one_mul_add_and_multi_io(rng, tmp_path):
     randomize_bn(model, rng)
     report = export_onnx(model, tmp_path / "m.onnx", samples=3)
     assert len(report.parity) == 2 and report.max_rel_error <= RTOL
-    assert report.nodes_after.get("Mul", 0) == 1
+    assert report.nodes.get("Mul", 0) == 1
     assert report.fold_report.num_kept == 1
 
 
@@ -143,7 +143,7 @@ def test_integer_inputs(rng, tmp_path):
     report = export_onnx(model, tmp_path / "m.onnx")
     assert report.max_rel_error <= RTOL and report.fold_report.num_folded == 1
     # The gather's index handling has its own Mul; the BN's is gone.
-    assert report.nodes_after["Mul"] == report.nodes_before["Mul"] - 1
+    assert report.nodes["Mul"] == report.nodes_before["Mul"] - 1
 
 
 @TF_ONLY
@@ -152,11 +152,11 @@ def test_no_fold_baseline_and_overwrite(rng, tmp_path):
     randomize_bn(model, rng)
     path = tmp_path / "m.onnx"
     report = export_onnx(model, path, fold=False)
-    assert report.fold_report is None and report.nodes_after.get("Mul", 0) == 1
+    assert report.fold_report is None and report.nodes.get("Mul", 0) == 1
     with pytest.raises(FileExistsError, match="overwrite=True"):
         export_onnx(model, path)
     report = export_onnx(model, path, overwrite=True)
-    assert "Mul" not in report.nodes_after
+    assert "Mul" not in report.nodes
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]  # no temp file left
 
 

@@ -310,3 +310,18 @@ def export_onnx(*args, **kwargs):
     from converters import export_onnx as fn
 
     return fn(*args, **kwargs)
+
+
+@TF_ONLY
+def test_cli_benchmark_flag(rng, tmp_path, capsys):
+    from converters.cli import main
+
+    model = MODELS["dense"]()
+    randomize_bn(model, rng)
+    model.save(tmp_path / "m.keras")
+    args = ["export", str(tmp_path / "m.keras"), "-o", str(tmp_path / "a.onnx")]
+    assert main(args) == 0
+    assert "baseline" not in capsys.readouterr().out
+    assert main([*args, "--force", "--benchmark"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline: Keras's model.export" in out and "ms vs baseline" in out

@@ -79,6 +79,7 @@ def _row(name, r) -> str:
 
 
 def _render(results: dict, wall: float, note: str) -> str:
+    """The markdown page; `wall`: seconds, the sum of the models' times."""
     from tests.zoo.models import MISSING
 
     head = [
@@ -122,12 +123,19 @@ def _render(results: dict, wall: float, note: str) -> str:
         "run (the noise floor).",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs shared with "
-        f"other jobs; {note}; whole run {wall / 60:.0f} min wall-clock.",
+        f"other jobs; {note}; per-model times add up to {wall / 60:.0f} min.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
+    from tests.zoo.models import APPLICATIONS
+
     lines += [_row(n, r) for n, r in results.items()]
+    lines += [
+        f"| {n} | not run (the run stopped before it) |" + " |" * 13
+        for n in APPLICATIONS
+        if n not in results
+    ]
     lines += ["", "Notes:", ""]
     for n, r in results.items():
         if r.get("baseline") and not r["baseline"].startswith("Keras's model.export"):
@@ -144,6 +152,16 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", default=os.path.join(ROOT, "docs", "zoo.md"))
     p.add_argument("--models", nargs="*", default=list(APPLICATIONS))
     p.add_argument("--timeout", type=int, default=1800, help="seconds per model")
+    p.add_argument(
+        "--json-dir",
+        help="keep each model's result as NAME.json here, and render the table "
+        "from the results already there (rows of a run that stopped early)",
+    )
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="with --json-dir: write the table from the results there, run nothing",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -152,10 +170,18 @@ def main(argv=None) -> int:
         return 0
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    results, start = {}, time.perf_counter()
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        folder = args.json_dir or tmp
+        os.makedirs(folder, exist_ok=True)
         for name in args.models:
-            out = os.path.join(tmp, f"{name}.json")
+            out = os.path.join(folder, f"{name}.json")
+            if args.json_dir and os.path.exists(out):
+                with open(out) as f:
+                    results[name] = json.load(f)
+                continue
+            if args.render_only:
+                continue
             cmd = [sys.executable, "-m", "tests.zoo.make_table", "--one", name]
             try:
                 proc = subprocess.run(
@@ -175,6 +201,11 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 results[name] = {"replace": f"FAILED: over {args.timeout} s"}
             print(name, results[name].get("total_s"), flush=True)
+    _write(args.output, results)
+    return 0
+
+
+def _write(path, results) -> None:
     import keras
     import onnxruntime
     import tensorflow as tf
@@ -184,10 +215,10 @@ def main(argv=None) -> int:
         f"Keras {keras.__version__}, TensorFlow {tf.__version__}, tf2onnx "
         f"{tf2onnx.__version__}, ONNX Runtime {onnxruntime.__version__}"
     )
-    with open(args.output, "w") as f:
-        f.write(_render(results, time.perf_counter() - start, note))
-    print(f"wrote {args.output}")
-    return 0
+    with open(path, "w") as f:
+        wall = sum(r.get("total_s", 0) for r in results.values())
+        f.write(_render(results, wall, note))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.keras-bn-installed
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench zoo zoo-table
 
 setup: $(STAMP)
 
@@ -28,3 +28,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+# The keras.applications conformance zoo (slow: about an hour on 2 cores).
+zoo: $(STAMP)
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -q -m zoo tests/zoo
+
+# Rewrites docs/zoo.md (runs the zoo once more, with timings).
+zoo-table: $(STAMP)
+	KERAS_BACKEND=tensorflow $(PY) -m tests.zoo.make_table -o docs/zoo.md

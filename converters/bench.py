@@ -85,14 +85,26 @@ def bench_latency(
             )
     sessions = [_session(path_a, threads), _session(path_b, threads)]
     feeds = [_feed(s, batch, 0) for s in sessions]
+    a_ms, b_ms = interleaved_latency_ms(sessions, feeds, runs=runs, warmup=warmup)
+    return {"a_ms": a_ms, "b_ms": b_ms, "speedup": b_ms / a_ms}
+
+
+def interleaved_latency_ms(
+    sessions, feeds, *, runs: int = 50, warmup: int = 10
+) -> list[float]:
+    """Median latency (ms) of each session, timed call by call in turn.
+
+    Every session gets `warmup` untimed calls, then `runs` timed calls, in an
+    order that alternates (a, b, b, a, ...) so all see the same machine load.
+    """
     for s, f in zip(sessions, feeds, strict=True):
         for _ in range(warmup):
             s.run(None, f)
-    times = ([], [])
+    times = [[] for _ in sessions]
+    order = list(range(len(sessions)))
     for i in range(runs):
-        for k in (0, 1) if i % 2 == 0 else (1, 0):
+        for k in order if i % 2 == 0 else order[::-1]:
             t = time.perf_counter()
             sessions[k].run(None, feeds[k])
             times[k].append(time.perf_counter() - t)
-    a_ms, b_ms = (1e3 * float(np.median(t)) for t in times)
-    return {"a_ms": a_ms, "b_ms": b_ms, "speedup": b_ms / a_ms}
+    return [1e3 * float(np.median(t)) for t in times]

@@ -2,6 +2,7 @@
 
     keras-bn export MODEL.keras -o OUT.onnx [--no-fold] [--opset N]
                                             [--samples N] [--rtol R] [--force]
+                                            [--benchmark]
     keras-bn fold MODEL.keras -o OUT.keras [--force]
     keras-bn inspect FILE            # FILE: .keras or .onnx
 
@@ -40,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, default=16, help="verification batch")
     e.add_argument("--rtol", type=float, default=1e-5, help="parity tolerance")
     e.add_argument("--force", action="store_true", help="replace an existing output")
+    e.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="time the file against Keras's own export (ONNX Runtime, batch 1)",
+    )
     f = sub.add_parser("fold", help="write a .keras model with BN folded away")
     f.add_argument("model", help="input .keras file")
     f.add_argument("-o", "--output", required=True, help="output .keras file")
@@ -104,6 +110,7 @@ def _export(args) -> int:
             samples=args.samples,
             rtol=args.rtol,
             overwrite=args.force,
+            benchmark=args.benchmark,
         )
     except ParityError as e:
         print(f"{PROG}: verification failed: {e}", file=sys.stderr)

@@ -10,9 +10,11 @@ import time
 import keras
 import numpy as np
 
+from converters import _keras_graph
 from converters._deps import require, require_tensorflow_backend
 from converters._io import atomic_write_bytes, check_output_path
-from converters.bench import session_latency_ms
+from converters._tf_convert import signature_of, to_onnx
+from converters.bench import interleaved_latency_ms
 from converters.fold_keras import fold_batchnorm
 from converters.report import FoldReport
 
@@ -41,13 +43,16 @@ class ExportReport:
             the input Keras model: `max|onnx - keras| / max|keras|` over all
             elements (`None` when `verify=False`).
         rtol: The tolerance `parity` was checked against.
-        nodes_before: ONNX node counts by op type of the unfolded conversion.
-        nodes_after: ONNX node counts by op type of the file written.
+        nodes: ONNX node counts by op type of the file written.
         file_size: Bytes written.
-        timings: Seconds spent folding, converting, verifying.
-        latency_ms: ONNX Runtime latency (1 thread, the verification batch,
-            median of 20 runs) of the `"unfolded"` and `"folded"` graphs, when
-            both exist and `verify=True`.
+        timings: Seconds spent folding, converting, verifying, benchmarking.
+        baseline: With `benchmark=True`, what the file was timed against
+            (e.g. Keras's own `model.export` of the model with Keras's
+            `BatchNormalization`); else `None`.
+        baseline_nodes: Node counts of that baseline file.
+        latency_ms: With `benchmark=True`, ONNX Runtime latency (batch 1,
+            one thread, default graph optimizations, median of interleaved
+            runs) of `"exported"` and `"baseline"`.
     """
 
     path: str
@@ -55,10 +60,11 @@ class ExportReport:
     fold_report: FoldReport | None
     parity: list[float] | None
     rtol: float
-    nodes_before: dict[str, int]
-    nodes_after: dict[str, int]
+    nodes: dict[str, int]
     file_size: int
     timings: dict[str, float]
+    baseline: str | None = None
+    baseline_nodes: dict[str, int] = dataclasses.field(default_factory=dict)
     latency_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -67,56 +73,36 @@ class ExportReport:
 
     @property
     def speedup(self) -> float | None:
-        """Unfolded over folded ONNX Runtime latency, when measured."""
+        """Baseline over exported ONNX Runtime latency, when measured."""
         lat = self.latency_ms
-        if "folded" in lat and "unfolded" in lat:
-            return lat["unfolded"] / lat["folded"]
+        if "exported" in lat and "baseline" in lat:
+            return lat["baseline"] / lat["exported"]
         return None
 
     def __str__(self) -> str:
         lines = [
             f"ONNX file: {self.path} ({self.file_size} bytes, opset {self.opset})",
-            f"nodes before: {dict(sorted(self.nodes_before.items()))}",
-            f"nodes after:  {dict(sorted(self.nodes_after.items()))}",
+            f"nodes: {sum(self.nodes.values())} {dict(sorted(self.nodes.items()))}",
         ]
         if self.parity is not None:
             lines.append(
                 f"parity: max relative error {self.max_rel_error:.2e} "
                 f"(tolerance {self.rtol:.0e})"
             )
+        if self.baseline is not None:
+            lines.append(
+                f"baseline: {self.baseline}: {sum(self.baseline_nodes.values())} "
+                f"nodes {dict(sorted(self.baseline_nodes.items()))}"
+            )
         if self.speedup is not None:
-            lines.append(f"ONNX Runtime speed-up from folding: {self.speedup:.2f}x")
+            lat = self.latency_ms
+            lines.append(
+                f"ONNX Runtime latency (batch 1, 1 thread): {lat['exported']:.3f} ms "
+                f"vs baseline {lat['baseline']:.3f} ms: {self.speedup:.2f}x"
+            )
         if self.fold_report is not None:
             lines.append(str(self.fold_report))
         return "\n".join(lines)
-
-
-def _signature(model, input_signature):
-    tf = require("tensorflow")
-    if input_signature is not None:
-        return list(input_signature)
-    specs = []
-    for i, x in enumerate(model.inputs):
-        name = getattr(x, "name", None) or f"input_{i}"
-        specs.append(tf.TensorSpec((None, *x.shape[1:]), x.dtype, name=name))
-    return specs
-
-
-def _convert(model, signature, opset):
-    tf = require("tensorflow")
-    tf2onnx = require("tf2onnx")
-    struct = getattr(model, "_inputs_struct", None)
-
-    def call(*args):
-        if struct is not None and not isinstance(model, keras.Sequential):
-            inputs = keras.tree.pack_sequence_as(struct, list(args))
-        else:
-            inputs = args[0]
-        return keras.tree.flatten(model(inputs, training=False))
-
-    fn = tf.function(call, input_signature=signature)
-    proto, _ = tf2onnx.convert.from_function(fn, input_signature=signature, opset=opset)
-    return proto
 
 
 def node_counts(proto) -> dict[str, int]:
@@ -124,11 +110,13 @@ def node_counts(proto) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in proto.graph.node))
 
 
-def _session(data: bytes):
+def _session(data: bytes, optimize: bool = True):
     ort = require("onnxruntime")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
@@ -176,18 +164,22 @@ def export_onnx(
     rtol: float = 1e-5,
     overwrite: bool = False,
     seed: int = 0,
+    benchmark: bool = False,
 ) -> ExportReport:
     """Folds batch normalization away and exports a Keras model to ONNX.
 
-    The model is folded with `fold_batchnorm`, converted with tf2onnx
-    (`tf2onnx.convert.from_function` on `model(x, training=False)`), checked
-    with `onnx.checker`, and run with ONNX Runtime against the input Keras
-    model. Nothing is written if a check fails; the file is written
-    atomically and an existing file is replaced only with `overwrite=True`.
-    TensorFlow backend only.
+    The model is folded with `fold_batchnorm`, converted once with tf2onnx
+    (`model(x, training=False)`, frozen so that constants such as a
+    `Normalization` layer's mean fold into the graph and the file has exactly
+    the model's inputs; grouped convolutions become an ONNX `Conv` with
+    `group`), checked with `onnx.checker`, and run with ONNX Runtime against
+    the input Keras model. Nothing is written if a check fails; the file is
+    written atomically and an existing file is replaced only with
+    `overwrite=True`. TensorFlow backend only.
 
     Args:
-        model: A Sequential or Functional Keras model.
+        model: A Sequential or Functional Keras model; a subclassed model
+            with `fold=False` and an `input_signature` (its `call` is traced).
         path: Output `.onnx` file.
         fold: Fold batch normalization first (`False`: plain tf2onnx export).
         opset: ONNX opset.
@@ -201,6 +193,12 @@ def export_onnx(
         rtol: Tolerance on `max|onnx - keras| / max|keras|` per output.
         overwrite: Replace an existing `path`.
         seed: Seed of the random verification inputs.
+        benchmark: Also time the file under ONNX Runtime (batch 1, one
+            thread) against a baseline: Keras's own `model.export(format=
+            "onnx")` of the same architecture and weights with Keras's
+            `BatchNormalization` (when Keras's export fails or its file needs
+            other inputs, the plain tf2onnx conversion of that model; the
+            report says which).
 
     Returns:
         An `ExportReport`.
@@ -213,7 +211,7 @@ def export_onnx(
     Example:
 
     >>> report = export_onnx(model, "model.onnx")  # doctest: +SKIP
-    >>> print(report.max_rel_error, report.nodes_after)  # doctest: +SKIP
+    >>> print(report.max_rel_error, report.nodes)  # doctest: +SKIP
     """
     require_tensorflow_backend("export_onnx")
     onnx = require("onnx")
@@ -227,9 +225,18 @@ def export_onnx(
         raise ValueError(
             f"Argument `samples` must be a positive int. Received: {samples!r}"
         )
+    graph_model = _keras_graph.is_graph_model(model)
+    if not graph_model and fold:
+        raise TypeError(
+            f"{model.name!r} is a subclassed {type(model).__name__}: its `call` "
+            "cannot be rewritten to fold batch normalization. Rebuild it with "
+            "the Functional API, or export it unfolded with `fold=False, "
+            "input_signature=[tf.TensorSpec((None, ...), 'float32')]` "
+            "(CLI: `--no-fold`)."
+        )
     path = check_output_path(path, overwrite)
     timings = {}
-    signature = _signature(model, input_signature)
+    signature = signature_of(model, input_signature)
 
     t = time.perf_counter()
     fold_report, target = None, model
@@ -238,8 +245,7 @@ def export_onnx(
     timings["fold_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    proto = _convert(target, signature, opset)
-    before = _convert(model, signature, opset) if fold else proto
+    proto = to_onnx(target, signature, opset)
     timings["convert_s"] = time.perf_counter() - t
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
@@ -250,34 +256,24 @@ def export_onnx(
         fold_report=fold_report,
         parity=None,
         rtol=rtol,
-        nodes_before=node_counts(before),
-        nodes_after=node_counts(proto),
+        nodes=node_counts(proto),
         file_size=len(data),
         timings=timings,
     )
+    arrays = _sample_inputs(signature, samples, seed) if inputs is None else inputs
+    arrays = [np.asarray(a) for a in keras.tree.flatten(arrays)]
     if verify:
         t = time.perf_counter()
-        arrays = _sample_inputs(signature, samples, seed) if inputs is None else inputs
-        arrays = [np.asarray(a) for a in keras.tree.flatten(arrays)]
         sess = _session(data)
         feed = {i.name: a for i, a in zip(sess.get_inputs(), arrays, strict=True)}
         got = sess.run(None, feed)
-        struct = getattr(model, "_inputs_struct", None)
-        if struct is not None and not isinstance(model, keras.Sequential):
-            keras_in = keras.tree.pack_sequence_as(struct, arrays)
-        else:
-            keras_in = arrays[0]
+        keras_in = _keras_graph.pack_inputs(model, arrays)
         ref = keras.tree.flatten(model(keras_in, training=False))
         report.parity = [
             relative_error(g, keras.ops.convert_to_numpy(r))
             for g, r in zip(got, ref, strict=True)
         ]
         timings["verify_s"] = time.perf_counter() - t
-        if fold:
-            report.latency_ms["folded"] = session_latency_ms(sess, feed)
-            report.latency_ms["unfolded"] = session_latency_ms(
-                _session(before.SerializeToString()), feed
-            )
         if not report.max_rel_error <= rtol:
             raise ParityError(
                 f"ONNX Runtime disagrees with Keras: max relative error "
@@ -285,6 +281,68 @@ def export_onnx(
                 f"{report.parity}); nothing was written to {path!r}.",
                 report,
             )
+    if benchmark:
+        t = time.perf_counter()
+        _benchmark(report, model, data, signature, opset, [a[:1] for a in arrays])
+        timings["benchmark_s"] = time.perf_counter() - t
     atomic_write_bytes(path, data, overwrite=overwrite)
     report.file_size = os.path.getsize(path)
     return report
+
+
+def keras_baseline(model, signature, opset: int, arrays: list):
+    """(description, ONNX proto) of Keras's own export of `model`.
+
+    The model's keras_bn layers are swapped back for Keras's
+    `BatchNormalization` (same weights) and exported with
+    `model.export(format="onnx")` (after one call on `arrays`, which Keras's
+    export needs). When that fails or the file needs inputs
+    the model does not have, the same model is converted with this module's
+    converter instead, and the description says so.
+    """
+    import tempfile
+
+    from keras_bn.replace import to_keras_batchnorm
+
+    onnx = require("onnx")
+    what = "Keras's BatchNormalization"
+    if _keras_graph.is_graph_model(model):
+        peer = to_keras_batchnorm(model)
+        peer(
+            _keras_graph.pack_inputs(peer, arrays), training=False
+        )  # export needs a call
+    else:
+        peer, what = model, "the model as given (subclassed)"
+    with tempfile.TemporaryDirectory() as tmp:
+        file = os.path.join(tmp, "keras.onnx")
+        try:
+            peer.export(
+                file,
+                format="onnx",
+                verbose=False,
+                input_signature=None if peer is not model else signature,
+                opset_version=opset,
+            )
+            proto = onnx.load(file)
+            n_in = len(proto.graph.input)
+            if n_in != len(signature):
+                raise ValueError(f"{n_in} inputs instead of {len(signature)}")
+            _session(proto.SerializeToString())
+            return f"Keras's model.export(format='onnx') with {what}", proto
+        except Exception as e:  # noqa: BLE001 - any failure: documented fallback
+            why = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+            why = f"{type(e).__name__}: {why}" if why else type(e).__name__
+    proto = to_onnx(peer, signature, opset)
+    return f"tf2onnx conversion of the model with {what} (model.export: {why})", proto
+
+
+def _benchmark(report, model, data, signature, opset, arrays) -> None:
+    report.baseline, baseline = keras_baseline(model, signature, opset, arrays)
+    report.baseline_nodes = node_counts(baseline)
+    sessions = [_session(data), _session(baseline.SerializeToString())]
+    feeds = [
+        {i.name: a for i, a in zip(s.get_inputs(), arrays, strict=True)}
+        for s in sessions
+    ]
+    exported, base = interleaved_latency_ms(sessions, feeds)
+    report.latency_ms = {"exported": exported, "baseline": base}

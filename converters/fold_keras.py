@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import collections
-
 import keras
 import numpy as np
 
+from converters import _keras_graph
+from converters._keras_graph import Graph as _Graph
 from converters.affine import ChannelAffine
 from converters.fold_math import bn_scale_shift, fold_weights
 from converters.report import (
     FOLDED_FOLLOWING,
     FOLDED_PRECEDING,
     KEPT,
+    UNCHANGED,
     FoldRecord,
     FoldReport,
 )
@@ -52,53 +53,6 @@ def _special(layer) -> str:
     if mode:
         return f"is quantized ({mode})"
     return ""
-
-
-def _is_graph_model(model) -> bool:
-    return isinstance(model, keras.Sequential) or hasattr(model, "_nodes_by_depth")
-
-
-class _Graph:
-    """Consumers, producers and per-layer nodes of one graph model."""
-
-    def __init__(self, model):
-        graph = model._functional if isinstance(model, keras.Sequential) else model
-        if graph is None:
-            raise ValueError(
-                f"The Sequential model {model.name!r} has no graph yet. Start it "
-                "with `keras.Input(shape)` (or call it on data) before folding."
-            )
-        self.graph = graph
-        depths = sorted(graph._nodes_by_depth, reverse=True)
-        self.nodes = [
-            n
-            for d in depths
-            for n in graph._nodes_by_depth[d]
-            if n.operation is not None and not n.is_input
-        ]
-        self.node_ids = {id(n) for n in self.nodes}
-        self.consumers = collections.defaultdict(list)
-        self.layer_nodes = collections.defaultdict(list)
-        for n in self.nodes:
-            self.layer_nodes[id(n.operation)].append(n)
-            for t in n.input_tensors:
-                self.consumers[id(t)].append(n)
-        self.output_ids = {id(t) for t in graph.outputs}
-        self.operations = list(
-            {id(n.operation): n.operation for n in self.nodes}.values()
-        )
-
-    def producer(self, tensor):
-        op, node_index, _ = tensor._keras_history
-        node = op._inbound_nodes[node_index]
-        return node if id(node) in self.node_ids else None
-
-    def only_consumer(self, tensor):
-        """The single node consuming `tensor`, or None (several, none, output)."""
-        users = self.consumers.get(id(tensor), [])
-        if id(tensor) in self.output_ids or len(users) != 1:
-            return None
-        return users[0]
 
 
 def _bn_stats(bn) -> dict:
@@ -228,13 +182,26 @@ def _fold_model(model, prefix: str, cache: dict):
     for op in g.operations:
         if id(op) in replacement:
             continue
-        if isinstance(op, keras.Model):
+        if isinstance(op, keras.Model) and _keras_graph.is_graph_model(op):
             if id(op) not in cache:
                 cache[id(op)] = _fold_model(op, f"{prefix}{op.name}/", cache)
             new, sub = cache[id(op)]
             report.records.extend(sub.records)
             replacement[id(op)] = new
+        elif isinstance(op, keras.layers.Wrapper) and _hidden_bns(op):
+            new, values, records = _fold_wrapper(op, prefix, cache)
+            report.records.extend(records)
+            assign.append((new, values))
+            replacement[id(op)] = new
         elif isinstance(op, keras.layers.Layer):
+            for bn in _hidden_bns(op):
+                reason = (
+                    f"inside {type(op).__name__} {op.name!r}, whose call "
+                    "fold_batchnorm cannot rewrite"
+                )
+                report.records.append(
+                    FoldRecord(f"{prefix}{op.name}/{bn.name}", UNCHANGED, None, reason)
+                )
             if id(op) in state:
                 new = _clone(op, use_bias=True)
                 assign.append((new, state[id(op)]))
@@ -245,7 +212,7 @@ def _fold_model(model, prefix: str, cache: dict):
         else:  # a stateless keras.ops operation
             replacement[id(op)] = op
 
-    new_model = _rebuild(model, g, replacement)
+    new_model = g.rebuild(model, replacement)
     for new, values in assign:
         if isinstance(values, keras.layers.Layer):
             new.set_weights(values.get_weights())
@@ -255,32 +222,48 @@ def _fold_model(model, prefix: str, cache: dict):
     return new_model, report
 
 
-def _new_input(x):
-    return keras.Input(batch_shape=x.shape, dtype=x.dtype, sparse=x.sparse, name=x.name)
+def _hidden_bns(layer) -> list:
+    """The batch normalizations inside `layer` (not `layer` itself)."""
+    inner = _keras_graph.sublayers(layer)
+    return [s for s in inner if isinstance(s, L.BatchNormalization)]
 
 
-def _rebuild(model, g: _Graph, replacement: dict):
-    if isinstance(model, keras.Sequential):
-        layers = [replacement[id(op)] for op in model.layers]
-        layers = [lyr for lyr in layers if lyr is not None]
-        inputs = _new_input(model.inputs[0])
-        return keras.Sequential([inputs, *layers], name=model.name)
-    graph = g.graph
-    tensors = {}
-    new_inputs = keras.tree.map_structure(_new_input, graph._inputs_struct)
-    for old, new in zip(graph.inputs, keras.tree.flatten(new_inputs), strict=True):
-        tensors[id(old)] = new
-    for node in g.nodes:
-        args, kwargs = node.arguments.fill_in(tensors)
-        op = replacement[id(node.operation)]
-        if op is None:  # a folded batch normalization: identity
-            outputs = args[0] if args else kwargs["inputs"]
-        else:
-            outputs = op(*args, **kwargs)
-        for old, new in zip(node.outputs, keras.tree.flatten(outputs), strict=True):
-            tensors[id(old)] = new
-    outputs = keras.tree.map_structure(lambda t: tensors[id(t)], graph._outputs_struct)
-    return keras.Model(new_inputs, outputs, name=model.name)
+def _fold_wrapper(wrapper, prefix: str, cache: dict):
+    """(new wrapper, its weights, records) for a wrapper holding batch norms.
+
+    `TimeDistributed(BatchNormalization())` becomes
+    `TimeDistributed(ChannelAffine())`; a wrapped Sequential or Functional
+    model is folded recursively; anything else is left unchanged, reported.
+    """
+    inner = getattr(wrapper, "layer", None)
+    path = f"{prefix}{wrapper.name}/"
+    config = wrapper.get_config()
+    if isinstance(inner, L.BatchNormalization) and "backward_layer" not in config:
+        stats = _bn_stats(inner)
+        scale, shift = bn_scale_shift(**stats)
+        affine = ChannelAffine(
+            axis=inner.axis, name=inner.name, dtype=inner.dtype_policy
+        )
+        config["layer"] = keras.saving.serialize_keras_object(affine)
+        reason = f"wrapped in {type(wrapper).__name__}: one multiply-add per channel"
+        record = FoldRecord(path + inner.name, KEPT, None, reason)
+        new = wrapper.__class__.from_config(config)
+        return new, {"scale": scale, "shift": shift}, [record]
+    if (
+        isinstance(inner, keras.Model)
+        and _keras_graph.is_graph_model(inner)
+        and "backward_layer" not in config
+    ):
+        folded, sub = _fold_model(inner, path, cache)
+        config["layer"] = keras.saving.serialize_keras_object(folded)
+        new = wrapper.__class__.from_config(config)
+        return new, folded, sub.records
+    reason = f"inside {type(wrapper).__name__} {wrapper.name!r} (not foldable there)"
+    records = [
+        FoldRecord(path + bn.name, UNCHANGED, None, reason)
+        for bn in _hidden_bns(wrapper)
+    ]
+    return _clone(wrapper), wrapper, records
 
 
 def fold_batchnorm(model: keras.Model) -> tuple[keras.Model, FoldReport]:
@@ -324,7 +307,7 @@ def fold_batchnorm(model: keras.Model) -> tuple[keras.Model, FoldReport]:
             "Argument `model` must be a keras.Model. "
             f"Received: model={type(model).__name__}"
         )
-    if not _is_graph_model(model):
+    if not _keras_graph.is_graph_model(model):
         raise TypeError(
             f"fold_batchnorm needs a model with a graph (Sequential or Functional), "
             f"but {model.name!r} is a subclassed {type(model).__name__} whose "

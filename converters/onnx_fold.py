@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import collections
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from converters._deps import require
-from converters.report import FOLDED_PRECEDING, KEPT, FoldRecord, FoldReport
+from converters.fold_math import bn_scale_shift
+from converters.report import (
+    FOLDED_PRECEDING,
+    KEPT,
+    UNCHANGED,
+    FoldRecord,
+    FoldReport,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -18,25 +26,27 @@ _AFFINE = ("Mul", "Add", "Sub", "Div")
 
 
 class _Graph:
+    """Producers, consumers and ranks of a graph being rewritten in place.
+
+    Shape inference runs once, on the input: every rewrite keeps the names
+    and ranks of the tensors it touches (and records the rank of any tensor it
+    adds), so ranks stay valid. `skip` holds the output names of nodes a
+    pattern decided to leave alone: state of this pass, never written into
+    the user's graph.
+    """
+
     def __init__(self, model):
         onnx = require("onnx")
         self.onnx = onnx
         self.model = model
         self.g = model.graph
         self.inits = {i.name: i for i in self.g.initializer}
+        self.skip: set[str] = set()
         self.refresh()
-
-    def refresh(self):
-        self.producer, self.consumers = {}, collections.defaultdict(list)
-        for n in self.g.node:
-            for o in n.output:
-                self.producer[o] = n
-            for i in n.input:
-                self.consumers[i].append(n)
-        self.outputs = {o.name for o in self.g.output}
         try:
-            inferred = self.onnx.shape_inference.infer_shapes(self.model)
+            inferred = onnx.shape_inference.infer_shapes(model)
             vis = [*inferred.graph.value_info, *inferred.graph.output]
+            vis += list(inferred.graph.input)
             self.ranks = {
                 v.name: len(v.type.tensor_type.shape.dim)
                 for v in vis
@@ -44,6 +54,16 @@ class _Graph:
             }
         except Exception:  # noqa: BLE001 - shapes are an optional hint
             self.ranks = {}
+
+    def refresh(self):
+        """Recomputes producers and consumers (cheap; no shape inference)."""
+        self.producer, self.consumers = {}, collections.defaultdict(list)
+        for n in self.g.node:
+            for o in n.output:
+                self.producer[o] = n
+            for i in n.input:
+                self.consumers[i].append(n)
+        self.outputs = {o.name for o in self.g.output}
 
     def const(self, name):
         from onnx import numpy_helper
@@ -119,7 +139,10 @@ def _squeeze_axes(g, node):
 
 
 def _linear_unit(g, tensor):
-    """(linear node, weight, bias Add or None, last node) making `tensor`.
+    """The linear unit making `tensor`, or None.
+
+    Returns the 5-tuple `(linear node, weight array, bias Add node or None,
+    last node of the unit, number of squeezed axes)`.
 
     The unit is a Conv/ConvTranspose/Gemm/MatMul with a constant weight,
     optionally followed by the bias `Add` of a MatMul, or by a `Squeeze` of
@@ -225,75 +248,125 @@ def _foldable(g, node, tensor, vec_of):
 
 
 def _bn_vectors(g, node):
+    """`(scale, shift)` of an inference BatchNormalization node, or a reason."""
+    names = ("scale", "B", "input_mean", "input_var")
     x = [g.const(n) for n in node.input[1:5]]
-    if any(v is None for v in x) or len(node.output) > 1 and any(node.output[1:]):
-        return None
-    gamma, beta, mean, var = (np.asarray(v, np.float64) for v in x)
-    scale = gamma / np.sqrt(var + _attr(node, "epsilon", 1e-5))
-    return scale, beta - mean * scale
+    missing = [k for k, v in zip(names, x, strict=True) if v is None]
+    if missing:
+        return f"its {', '.join(missing)} input(s) are not constants"
+    if _attr(node, "training_mode", 0) or any(node.output[1:]):
+        return "it runs in training mode (outputs running statistics)"
+    gamma, beta, mean, var = x
+    try:
+        return bn_scale_shift(
+            np.ravel(mean),
+            np.ravel(var),
+            _attr(node, "epsilon", 1e-5),
+            gamma=np.ravel(gamma),
+            beta=np.ravel(beta),
+        )
+    except ValueError as e:
+        return f"its parameters are invalid: {e}"
+
+
+def _bn_match(g, node, vecs):
+    """`_foldable` for a BatchNormalization: channel axis 1 of the unit."""
+    rank = g.ranks.get(node.input[0])
+
+    def bn_vec(axis, r, c):
+        ok = (axis % r == 1) and (rank is None or rank == r)
+        return vecs if ok and vecs[0].size == c else None
+
+    return _foldable(g, node, node.input[0], bn_vec)
+
+
+def _fold_bn(g, node, report) -> bool:
+    """BatchNormalization after a linear unit -> folded into its weights."""
+    vecs = _bn_vectors(g, node)
+    if isinstance(vecs, str):
+        return False
+    found, _ = _bn_match(g, node, vecs)
+    if found is None:
+        return False
+    unit, vec = found
+    last = _fold(g, unit, *vec)
+    if isinstance(last, tuple):  # MatMul without bias: the BN becomes its Add
+        _to_bias_add(g, node, *last[1:])
+    else:
+        _replace(g, node, last)
+    name = node.name or node.output[0]
+    report.records.append(FoldRecord(name, FOLDED_PRECEDING, unit[0].name))
+    return True
+
+
+def _bn_to_scale_shift(g, node, report) -> bool:
+    """An unfoldable BatchNormalization -> one Mul and one Add, or kept as is."""
+    name = node.name or node.output[0]
+    vecs = _bn_vectors(g, node)
+    rank = g.ranks.get(node.input[0])
+    if isinstance(vecs, str) or rank is None:
+        why = _foldable(g, node, node.input[0], lambda *_: None)[1]
+        left = vecs if isinstance(vecs, str) else "its input rank is unknown"
+        reason = f"{why}; {left}: left as BatchNormalization"
+        report.records.append(FoldRecord(name, UNCHANGED, None, reason))
+        g.skip.add(node.output[0])
+        return False
+    why = _bn_match(g, node, vecs)[1]
+    mul, add = _to_scale_shift(g, node, vecs, rank)
+    g.skip.update((mul.output[0], add.output[0]))
+    report.records.append(FoldRecord(name, KEPT, None, why))
+    return True
+
+
+def _fold_affine(g, node, report) -> bool:
+    """Mul/Add/Sub/Div by a per-channel constant after a linear unit -> folded."""
+    c_idx = [i for i in (0, 1) if g.const(node.input[i]) is not None]
+    if len(c_idx) != 1 or node.op_type in ("Sub", "Div") and c_idx != [1]:
+        return False
+    c = np.asarray(g.const(node.input[c_idx[0]]), np.float64)
+    if node.op_type == "Div":
+        c = 1.0 / c
+    if node.op_type == "Sub":
+        c = -c
+    mul = node.op_type in ("Mul", "Div")
+    if not mul and _is_matmul_bias(g, node):
+        return False
+
+    def vec(axis, r, ch):
+        v = _per_channel(c, axis, r, ch)
+        if v is None:
+            return None
+        return (v, np.zeros(ch)) if mul else (np.ones(ch), v)
+
+    found, _ = _foldable(g, node, node.input[1 - c_idx[0]], vec)
+    if found is None:
+        return False
+    target = found[0][0].name
+    last = _fold(g, found[0], *found[1])
+    _replace(g, node, last)
+    name = f"{node.op_type} {node.name or node.output[0]}"
+    report.records.append(FoldRecord(name, FOLDED_PRECEDING, target))
+    return True
+
+
+#: The rewrites, tried in this order on each node: (name, op types, rewrite).
+#: A rewrite returns True when it changed the graph; each does exactly one
+#: thing, like tf2onnx's optimizers and ONNX Runtime's fusion_* passes.
+PATTERNS = (
+    ("bn_into_linear", ("BatchNormalization",), _fold_bn),
+    ("bn_to_scale_shift", ("BatchNormalization",), _bn_to_scale_shift),
+    ("affine_into_linear", _AFFINE, _fold_affine),
+)
 
 
 def _step(g, report) -> bool:
-    """Folds one node; True if the graph changed."""
+    """Applies the first pattern that matches a node; True if one did."""
     for node in g.g.node:
-        if node.op_type == "BatchNormalization" and node.doc_string != "kept":
-            vecs = _bn_vectors(g, node)
-            if vecs is None:
-                continue
-            rank = g.ranks.get(node.input[0])
-
-            def bn_vec(axis, r, c, vecs=vecs, rank=rank):
-                ok = (axis % r == 1) and (rank is None or rank == r)
-                return vecs if ok and vecs[0].size == c else None
-
-            found, why = _foldable(g, node, node.input[0], bn_vec)
-            name = node.name or node.output[0]
-            if found is not None:
-                last = _fold(g, found[0], *found[1])
-                if isinstance(last, tuple):  # MatMul without bias: BN -> Add
-                    _to_bias_add(g, node, *last[1:])
-                else:
-                    _replace(g, node, last)
-                report.records.append(
-                    FoldRecord(name, FOLDED_PRECEDING, found[0][0].name)
-                )
+        if node.output and node.output[0] in g.skip:
+            continue
+        for _, ops, rewrite in PATTERNS:
+            if node.op_type in ops and rewrite(g, node, report):
                 return True
-            if rank is None:
-                reason = f"{why}; input rank unknown, left as BatchNormalization"
-                report.records.append(FoldRecord(name, KEPT, None, reason))
-                node.doc_string = "kept"  # left unchanged
-                continue
-            _to_scale_shift(g, node, vecs, rank)
-            report.records.append(FoldRecord(name, KEPT, None, why))
-            return True
-        if node.op_type in _AFFINE and node.doc_string != "kept":
-            c_idx = [i for i in (0, 1) if g.const(node.input[i]) is not None]
-            if len(c_idx) != 1 or node.op_type in ("Sub", "Div") and c_idx != [1]:
-                continue
-            c = np.asarray(g.const(node.input[c_idx[0]]), np.float64)
-            if node.op_type == "Div":
-                c = 1.0 / c
-            if node.op_type == "Sub":
-                c = -c
-            mul = node.op_type in ("Mul", "Div")
-            if not mul and _is_matmul_bias(g, node):
-                continue
-
-            def vec(axis, r, ch, c=c, mul=mul):
-                v = _per_channel(c, axis, r, ch)
-                if v is None:
-                    return None
-                return (v, np.zeros(ch)) if mul else (np.ones(ch), v)
-
-            found, _ = _foldable(g, node, node.input[1 - c_idx[0]], vec)
-            if found is None:
-                continue
-            target = found[0][0].name
-            last = _fold(g, found[0], *found[1])
-            _replace(g, node, last)
-            name = f"{node.op_type} {node.name or node.output[0]}"
-            report.records.append(FoldRecord(name, FOLDED_PRECEDING, target))
-            return True
     return False
 
 
@@ -338,15 +411,53 @@ def _to_scale_shift(g, node, vecs, rank):
     mid = f"{base}_scaled"
     mul = helper.make_node("Mul", [node.input[0], names[0]], [mid], name=f"{base}_mul")
     add = helper.make_node("Add", [mid, names[1]], [node.output[0]], name=f"{base}_add")
-    mul.doc_string = add.doc_string = "kept"
+    g.ranks[mid] = rank
     idx = list(g.g.node).index(node)
     g.g.node.remove(node)
     g.g.node.insert(idx, add)
     g.g.node.insert(idx, mul)
     g.refresh()
+    return mul, add
 
 
-def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
+def _load_external_data(model, base_dir) -> None:
+    """Reads `model`'s external tensor data from `base_dir`, and only there."""
+    from onnx import external_data_helper as ext
+
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        tensors += [a.t for a in node.attribute if a.HasField("t")]
+    external = [t for t in tensors if ext.uses_external_data(t)]
+    if not external:
+        return
+    names = [t.name for t in external[:3]]
+    if base_dir is None:
+        raise ValueError(
+            f"The model keeps the data of {len(external)} tensor(s) (e.g. {names}) "
+            "in external files, and where they are is unknown (it was loaded "
+            "with load_external_data=False). Pass `base_dir=` the folder of "
+            "the .onnx file, or load it with onnx.load(path)."
+        )
+    base = os.path.realpath(os.fspath(base_dir))
+    if not os.path.isdir(base):
+        raise ValueError(
+            f"Argument `base_dir` must be the folder of the .onnx file. "
+            f"Received: base_dir={base_dir!r} (not a folder)"
+        )
+    for t in external:
+        location = {e.key: e.value for e in t.external_data}.get("location", "")
+        path = os.path.realpath(os.path.join(base, location))
+        if os.path.commonpath([base, path]) != base or not os.path.isfile(path):
+            raise ValueError(
+                f"External data of tensor {t.name!r} ({location!r}) is not a file "
+                f"inside base_dir={base_dir!r}; refusing to read it."
+            )
+    ext.load_external_data_for_model(model, base)
+
+
+def fold_onnx(
+    model: onnx.ModelProto, base_dir: str | os.PathLike | None = None
+) -> tuple[onnx.ModelProto, FoldReport]:
     """Folds batch normalization into the linear nodes of an ONNX model.
 
     `BatchNormalization` nodes, and `Mul`/`Add`/`Sub`/`Div` nodes with a
@@ -354,14 +465,27 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
     `Gemm` or `MatMul` (with a constant 2-D weight, and its bias `Add`) whose
     output feeds only them are folded into its weights and bias. A
     `BatchNormalization` that cannot be folded becomes one `Mul` and one `Add`.
-    The input model is not changed.
+    A `BatchNormalization` whose parameters are not constants (or invalid)
+    is left as it is, reported. The input model is not changed.
+
+    The rewrites are the table `PATTERNS` (one rewrite each), applied until
+    none matches; shapes are inferred once.
 
     Args:
         model: An `onnx.ModelProto` (for example from `onnx.load(path)`).
+        base_dir: The folder of the model's `.onnx` file, needed only when it
+            was loaded with `load_external_data=False` and keeps tensors in
+            external files: they are read from there (never from the working
+            directory), and only from inside it.
 
     Returns:
         `(folded_model, report)`: a new `onnx.ModelProto` (checked with
-        `onnx.checker`) and a `FoldReport` listing every folded or kept node.
+        `onnx.checker`; tensors from external files are stored inside it) and
+        a `FoldReport` listing every folded, kept or unchanged node.
+
+    Raises:
+        ValueError: If the model has external data and `base_dir` is missing,
+            not a folder, or the data lies outside it.
 
     Example:
 
@@ -376,13 +500,11 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
         )
     new = onnx.ModelProto()
     new.CopyFrom(model)
+    _load_external_data(new, base_dir)
     g = _Graph(new)
     report = FoldReport()
     while _step(g, report):
         pass
-    for node in g.g.node:
-        if node.doc_string == "kept":
-            node.doc_string = ""
     used = {i for n in g.g.node for i in n.input}
     keep = [i for i in g.g.initializer if i.name in used or i.name in g.outputs]
     del g.g.initializer[:]

@@ -7,7 +7,8 @@ import dataclasses
 FOLDED_PRECEDING = "folded_into_preceding"
 FOLDED_FOLLOWING = "folded_into_following"
 KEPT = "kept_as_scale_shift"
-ACTIONS = (FOLDED_PRECEDING, FOLDED_FOLLOWING, KEPT)
+UNCHANGED = "left_unchanged"
+ACTIONS = (FOLDED_PRECEDING, FOLDED_FOLLOWING, KEPT, UNCHANGED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +18,8 @@ class FoldRecord:
     Attributes:
         name: Path of the layer (`"outer/inner/bn"`) or name of the ONNX node.
         action: One of `"folded_into_preceding"`, `"folded_into_following"`,
-            `"kept_as_scale_shift"`.
+            `"kept_as_scale_shift"`, `"left_unchanged"` (inside a layer whose
+            call cannot be rewritten, e.g. an RNN cell).
         target: Name of the layer or node it was folded into, else `None`.
         reason: Why it was kept (or `""` when folded).
     """
@@ -29,7 +31,7 @@ class FoldRecord:
 
     @property
     def folded(self) -> bool:
-        return self.action != KEPT
+        return self.action in (FOLDED_PRECEDING, FOLDED_FOLLOWING)
 
 
 @dataclasses.dataclass
@@ -51,7 +53,12 @@ class FoldReport:
 
     @property
     def num_kept(self) -> int:
+        """Batch normalizations not folded (scale-shift or left unchanged)."""
         return len(self.records) - self.num_folded
+
+    @property
+    def num_unchanged(self) -> int:
+        return sum(r.action == UNCHANGED for r in self.records)
 
     def by_name(self) -> dict[str, FoldRecord]:
         return {r.name: r for r in self.records}
@@ -64,4 +71,6 @@ class FoldReport:
 
     def __str__(self) -> str:
         head = f"{self.num_folded} folded, {self.num_kept} kept"
+        if self.num_unchanged:
+            head += f" ({self.num_unchanged} left unchanged)"
         return head + ("\n" + self.to_markdown() if self.records else "")

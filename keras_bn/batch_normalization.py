@@ -313,13 +313,19 @@ class BatchNormalization(keras.layers.BatchNormalization):
         axis = self._channel_axis
         gamma, beta = self._affine()
         if not (training and self.trainable):
-            y = _kernels.inference(
-                inputs,
-                self.moving_mean,
-                self.moving_variance,
-                gamma,
-                beta,
+            # The very ops Keras's own BatchNormalization emits in inference
+            # (float32 math, `ops.batch_normalization` on the moving statistics)
+            # so that tf2onnx, the TFLite converter and `model.export` see the
+            # pattern they fold into the neighbouring convolution.
+            dtype = backend.result_type(inputs.dtype, "float32")
+            x = ops.cast(inputs, dtype)
+            y = ops.batch_normalization(
+                x,
+                mean=ops.cast(self.moving_mean, dtype),
+                variance=ops.cast(self.moving_variance, dtype),
                 axis=axis,
+                offset=ops.cast(self.beta, dtype) if self.center else None,
+                scale=ops.cast(self.gamma, dtype) if self.scale else None,
                 epsilon=self.epsilon,
             )
             return ops.cast(y, self.compute_dtype)

@@ -85,9 +85,8 @@ def test_export_parity_and_node_counts(rng, tmp_path, name):
         np.testing.assert_array_equal(a, b)
     assert report.max_rel_error <= RTOL
     assert report.fold_report.num_kept == 0
-    after = report.nodes_after
+    after = report.nodes
     assert "BatchNormalization" not in after and "Mul" not in after
-    assert report.nodes_before.get("Mul", 0) >= 1  # tf2onnx keeps BN as Mul/Add
     proto = onnx.load(str(path))
     assert os.path.getsize(path) == report.file_size
     # Independent check: run the written file on fresh inputs.
@@ -107,7 +106,7 @@ def test_kept_bn_is_one_mul_add_and_multi_io(rng, tmp_path):
     randomize_bn(model, rng)
     report = export_onnx(model, tmp_path / "m.onnx", samples=3)
     assert len(report.parity) == 2 and report.max_rel_error <= RTOL
-    assert report.nodes_after.get("Mul", 0) == 1
+    assert report.nodes.get("Mul", 0) == 1
     assert report.fold_report.num_kept == 1
 
 
@@ -140,10 +139,126 @@ def test_integer_inputs(rng, tmp_path):
         ]
     )
     randomize_bn(model, rng)
-    report = export_onnx(model, tmp_path / "m.onnx")
+    report = export_onnx(model, tmp_path / "m.onnx", benchmark=True)
     assert report.max_rel_error <= RTOL and report.fold_report.num_folded == 1
     # The gather's index handling has its own Mul; the BN's is gone.
-    assert report.nodes_after["Mul"] == report.nodes_before["Mul"] - 1
+    assert report.nodes["Mul"] == report.baseline_nodes["Mul"] - 1
+
+
+@TF_ONLY
+def test_normalization_constants_are_folded_not_inputs(rng, tmp_path):
+    import onnx
+
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            L.Normalization(mean=[0.0, 1, 2, 3], variance=[1.0, 2, 3, 4]),
+            L.Dense(2),
+            L.BatchNormalization(),
+        ]
+    )
+    randomize_bn(model, rng)
+    report = export_onnx(model, tmp_path / "m.onnx")
+    assert report.max_rel_error <= RTOL
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert [i.name for i in graph.input] == [model.inputs[0].name]
+    assert "BatchNormalization" not in report.nodes
+
+
+@TF_ONLY
+def test_grouped_conv_exports_as_one_grouped_conv(rng, tmp_path):
+    import onnx
+
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 4)),
+            L.Conv2D(8, 3, groups=4, use_bias=False),
+            keras_bn.BatchNormalization(),
+        ]
+    )
+    randomize_bn(model, rng)
+    report = export_onnx(model, tmp_path / "m.onnx")
+    assert report.max_rel_error <= RTOL
+    convs = [
+        n for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "Conv"
+    ]
+    assert len(convs) == 1
+    assert {a.name: a.i for a in convs[0].attribute}["group"] == 4
+    assert "Mul" not in report.nodes  # the BN went into the grouped kernel
+
+
+class SubclassedNet(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = L.Dense(3)
+        self.bn = L.BatchNormalization()
+
+    def call(self, x, training=None):
+        return self.bn(self.dense(x), training=training)
+
+
+@TF_ONLY
+def test_subclassed_model_traced_or_refused(rng, tmp_path):
+    import tensorflow as tf
+
+    model = SubclassedNet()
+    model(np.zeros((1, 4), "float32"))
+    with pytest.raises(TypeError, match="fold=False, input_signature="):
+        export_onnx(model, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="Pass `input_signature="):
+        export_onnx(model, tmp_path / "m.onnx", fold=False)
+    assert os.listdir(tmp_path) == []
+    spec = [tf.TensorSpec((None, 4), tf.float32, name="x")]
+    report = export_onnx(model, tmp_path / "m.onnx", fold=False, input_signature=spec)
+    assert report.max_rel_error <= RTOL
+
+
+@TF_ONLY
+def test_converts_once_and_benchmark_is_opt_in(rng, tmp_path, monkeypatch):
+    import converters.export as export_module
+
+    calls = []
+    real = export_module.to_onnx
+    monkeypatch.setattr(
+        export_module, "to_onnx", lambda *a: calls.append(a) or real(*a)
+    )
+    model = MODELS["dense"]()
+    randomize_bn(model, rng)
+    report = export_onnx(model, tmp_path / "a.onnx")
+    assert len(calls) == 1
+    assert report.latency_ms == {} and report.baseline is None
+    assert "latency" not in str(report)
+    report = export_onnx(model, tmp_path / "b.onnx", benchmark=True)
+    assert len(calls) == 2  # Keras's own export made the baseline, not us
+    assert report.baseline.startswith("Keras's model.export")
+    assert set(report.latency_ms) == {"exported", "baseline"}
+    assert report.speedup > 0 and "baseline" in str(report)
+    # Keras's export keeps the BN after a Dense as Mul + Add; ours has none.
+    assert report.baseline_nodes.get("Mul", 0) >= 1 and "Mul" not in report.nodes
+
+
+@TF_ONLY
+@pytest.mark.parametrize("name", ["conv2d", "conv1d_separable"])
+def test_keras_export_of_keras_bn_model_matches_keras_bn(rng, tmp_path, name):
+    """Keras's own `model.export` sees the graph Keras's BN emits."""
+    import collections
+
+    import onnx
+
+    from keras_bn.replace import to_keras_batchnorm
+
+    ours = keras_bn.replace_batchnorm(MODELS[name]())
+    randomize_bn(ours, rng)
+    theirs = to_keras_batchnorm(ours)
+    counts = []
+    for i, model in enumerate((ours, theirs)):
+        x = rng.normal(size=(2, *model.inputs[0].shape[1:])).astype("float32")
+        model(x)
+        model.export(str(tmp_path / f"{i}.onnx"), format="onnx", verbose=False)
+        graph = onnx.load(str(tmp_path / f"{i}.onnx")).graph
+        counts.append(collections.Counter(n.op_type for n in graph.node))
+    assert counts[0] == counts[1]
+    assert "BatchNormalization" not in counts[0]
 
 
 @TF_ONLY
@@ -152,11 +267,11 @@ def test_no_fold_baseline_and_overwrite(rng, tmp_path):
     randomize_bn(model, rng)
     path = tmp_path / "m.onnx"
     report = export_onnx(model, path, fold=False)
-    assert report.fold_report is None and report.nodes_after.get("Mul", 0) == 1
+    assert report.fold_report is None and report.nodes.get("Mul", 0) == 1
     with pytest.raises(FileExistsError, match="overwrite=True"):
         export_onnx(model, path)
     report = export_onnx(model, path, overwrite=True)
-    assert "Mul" not in report.nodes_after
+    assert "Mul" not in report.nodes
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]  # no temp file left
 
 
@@ -195,3 +310,18 @@ def export_onnx(*args, **kwargs):
     from converters import export_onnx as fn
 
     return fn(*args, **kwargs)
+
+
+@TF_ONLY
+def test_cli_benchmark_flag(rng, tmp_path, capsys):
+    from converters.cli import main
+
+    model = MODELS["dense"]()
+    randomize_bn(model, rng)
+    model.save(tmp_path / "m.keras")
+    args = ["export", str(tmp_path / "m.keras"), "-o", str(tmp_path / "a.onnx")]
+    assert main(args) == 0
+    assert "baseline" not in capsys.readouterr().out
+    assert main([*args, "--force", "--benchmark"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline: Keras's model.export" in out and "ms vs baseline" in out

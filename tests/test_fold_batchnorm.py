@@ -288,3 +288,56 @@ def test_sequential_built_by_a_call_and_unbuilt(rng):
     x = rng.normal(size=(2, 4)).astype("float32")
     model(x)  # builds it
     check_fold(model, x, rng)
+
+
+def test_ops_nodes_in_the_graph(rng):
+    """The issue's minimal case, plus ops nodes between BN and its layers."""
+    inp = keras.Input((8,))
+    x = L.BatchNormalization()(L.Dense(4)(inp))
+    x = keras.ops.relu(x + 3.0)
+    x = L.Dense(4)(L.BatchNormalization()(x))
+    folded, report = check_fold(keras.Model(inp, x * 2.0), np.ones((3, 8)), rng)
+    assert report.num_folded == 2
+    assert "add" in {type(op).__name__.lower() for op in folded.operations}
+
+
+class _Holder(L.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.bn = L.BatchNormalization()
+
+    def call(self, x, training=None):
+        return self.bn(x, training=training)
+
+
+def test_wrappers_folded_or_reported(rng):
+    inner = keras.Sequential([keras.Input((6,)), L.Dense(5), L.BatchNormalization()])
+    inp = keras.Input((4, 6))
+    x = L.TimeDistributed(L.BatchNormalization(name="bn"), name="td_bn")(inp)
+    x = L.TimeDistributed(inner, name="td_seq")(x)
+    x = _Holder(name="holder")(x)
+    model = keras.Model(inp, L.Bidirectional(L.LSTM(2))(x))
+    bns = (
+        model.get_layer("td_bn").layer,
+        inner.layers[-1],
+        model.get_layer("holder").bn,
+    )
+    for layer in bns:
+        c = layer.moving_mean.shape[0]
+        layer.moving_mean.assign(rng.normal(size=c))
+        layer.moving_variance.assign(rng.uniform(0.3, 3.0, size=c))
+    x = rng.normal(size=(3, 4, 6)).astype("float32")
+    before = [np.array(w) for w in model.get_weights()]
+    folded, report = fold_batchnorm(model)
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert _rel_err(folded(x), model(x)) <= RTOL
+    records = report.by_name()
+    assert records["td_bn/bn"].action == "kept_as_scale_shift"
+    assert "TimeDistributed" in records["td_bn/bn"].reason
+    (seq_bn,) = [r for n, r in records.items() if n.startswith("td_seq/")]
+    assert seq_bn.action == "folded_into_preceding"
+    (held,) = [r for n, r in records.items() if n.startswith("holder/")]
+    assert held.action == "left_unchanged" and "_Holder" in held.reason
+    assert report.num_unchanged == 1 and "1 left unchanged" in str(report)
+    assert isinstance(folded.get_layer("td_bn").layer, ChannelAffine)

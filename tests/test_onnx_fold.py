@@ -267,3 +267,103 @@ def test_folds_keras_own_unfolded_export(rng, tmp_path, name):
     )
     (got,) = sess.run(None, {folded.graph.input[0].name: x})
     assert np.abs(got - ref).max() / np.abs(ref).max() <= RTOL
+
+
+def test_user_doc_string_is_neither_state_nor_wiped(rng):
+    model = _conv_bn(rng, "Conv", bias=True)
+    model.graph.node[1].doc_string = "kept"  # a user's note on the BN
+    model.graph.node[0].doc_string = "kept"  # and on the Conv
+    folded, report = _check(model, rng.normal(size=(2, 4, 6, 6)).astype("float32"))
+    assert _ops(folded) == ["Conv"] and report.num_folded == 1
+    assert folded.graph.node[0].doc_string == "kept"
+
+
+def test_shape_inference_runs_once(rng, monkeypatch):
+    c = 4
+    inits = [_init("w", rng.normal(size=(c, c, 1, 1)))]
+    inits += _bn_inits(rng, c, "a") + _bn_inits(rng, c, "b")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        _bn_node("r", "h", "a"),  # kept: Mul + Add
+        helper.make_node("Conv", ["h", "w"], ["k"]),
+        _bn_node("k", "y", "b"),  # folded
+    ]
+    model = _model(nodes, inits, [2, c, 5, 5], ["N", "C", "H", "W"])
+    calls = []
+    real = onnx.shape_inference.infer_shapes
+    monkeypatch.setattr(
+        onnx.shape_inference, "infer_shapes", lambda m: calls.append(1) or real(m)
+    )
+    folded, report = _check(model, rng.normal(size=(2, c, 5, 5)).astype("float32"))
+    assert len(calls) == 1
+    assert _ops(folded) == ["Relu", "Mul", "Add", "Conv"]
+    assert (report.num_folded, report.num_kept) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "case, match", [("negative_variance", "variance"), ("computed", "not constants")]
+)
+def test_unfoldable_bn_left_unchanged_and_reported(rng, case, match):
+    c = 4
+    inits = [_init("w", rng.normal(size=(c, c, 1, 1))), *_bn_inits(rng, c)]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"]), _bn_node("h", "y")]
+    if case == "negative_variance":
+        inits[-1] = _init("bn_v", -np.ones(c))
+    else:  # the scale is computed at run time
+        inits[1] = _init("g0", rng.normal(size=c))
+        nodes.insert(0, helper.make_node("Relu", ["g0"], ["bn_g"]))
+    model = _model(nodes, inits, [2, c, 5, 5], ["N", "C", "H", "W"])
+    folded, report = fold_onnx(model)
+    assert "BatchNormalization" in _ops(folded)
+    (record,) = report.records
+    assert record.action == "left_unchanged" and match in record.reason
+
+
+def _external_model(tmp_path, rng):
+    """A Conv+BN model saved with its weights in `weights.bin` next to it."""
+    model = _conv_bn(rng, "Conv", bias=True)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx.save moves the data out of the proto it saves
+    onnx.save(
+        copy,
+        str(folder / "m.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
+    return model, folder
+
+
+def test_external_data_read_from_model_folder_not_cwd(rng, tmp_path, monkeypatch):
+    model, folder = _external_model(tmp_path, rng)
+    decoy = tmp_path / "cwd"
+    decoy.mkdir()
+    size = (folder / "weights.bin").stat().st_size
+    (decoy / "weights.bin").write_bytes(np.full(size // 4, 9.0, "float32").tobytes())
+    monkeypatch.chdir(decoy)
+    lazy = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+    with pytest.raises(ValueError, match="Pass `base_dir=`"):
+        fold_onnx(lazy)
+    folded, report = fold_onnx(lazy, base_dir=folder)
+    assert report.num_folded == 1
+    x = rng.normal(size=(2, 4, 6, 6)).astype("float32")
+    (got,), (ref,) = _run(folded, x), _run(model, x)
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= RTOL
+    with pytest.raises(ValueError, match="not a folder"):
+        fold_onnx(lazy, base_dir=folder / "m.onnx")
+
+
+def test_external_data_outside_base_dir_refused(rng, tmp_path):
+    _, folder = _external_model(tmp_path, rng)
+    lazy = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+    for t in lazy.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../model/weights.bin"
+    inner = folder / "sub"
+    inner.mkdir()
+    with pytest.raises(ValueError, match="refusing to read it"):
+        fold_onnx(lazy, base_dir=inner)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import keras_bn
+from converters._keras_graph import sublayers
+from keras_bn.replace import to_keras_batchnorm
 from tests import harness as h
 
 
@@ -17,10 +19,7 @@ def _randomize_bns(model, rng):
 
 
 def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
+    return sublayers(model)
 
 
 def _sequential():
@@ -56,7 +55,34 @@ def _nested():
     return keras.Model(inp, keras.layers.Dense(2)(x), name="outer")
 
 
+def _ops_node():
+    """The issue's minimal case: a keras.ops node (`x + 3.0`) in the graph."""
+    inp = keras.Input((8,))
+    x = keras.layers.BatchNormalization()(keras.layers.Dense(4)(inp))
+    x = keras.ops.relu(x + 0.5)
+    return keras.Model(inp, keras.layers.BatchNormalization()(x) * 2.0)
+
+
+def _shared():
+    dense, bn = keras.layers.Dense(6), keras.layers.BatchNormalization()
+    inp = keras.Input((6,))
+    return keras.Model(inp, bn(dense(bn(dense(inp)))))
+
+
+def _wrappers():
+    inner = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization()]
+    )
+    inp = keras.Input((5, 4))
+    x = keras.layers.TimeDistributed(keras.layers.BatchNormalization())(inp)
+    x = keras.layers.TimeDistributed(inner)(x)
+    return keras.Model(inp, keras.layers.Bidirectional(keras.layers.LSTM(2))(x))
+
+
 BUILDERS = {
+    "ops_node": (_ops_node, (8, 8)),
+    "shared": (_shared, (8, 6)),
+    "wrappers": (_wrappers, (8, 5, 4)),
     "sequential": (_sequential, (8, 6)),
     "functional": (_functional, (4, 5, 5, 2)),
     "nested": (_nested, (8, 6)),
@@ -130,6 +156,37 @@ def test_input_model_weights_untouched(rng, kind):
         v.assign(np.zeros(v.shape, "float32") + 7.0)
     for a, b in zip(before, model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+class _Holder(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.bn = keras.layers.BatchNormalization()
+
+    def call(self, x, training=None):
+        return self.bn(x, training=training)
+
+
+def test_bn_inside_custom_layer_is_reported_not_skipped(rng):
+    inp = keras.Input((3,))
+    model = keras.Model(inp, _Holder(name="holder")(inp))
+    with pytest.warns(UserWarning, match=r"'holder'.*cannot be replaced"):
+        new = keras_bn.replace_batchnorm(model)
+    x = rng.normal(size=(4, 3)).astype("float32")
+    h.assert_close(new(x), h.to_numpy(model(x)), what="inference")
+
+
+@pytest.mark.parametrize("kind", ["wrappers", "nested", "ops_node"])
+def test_to_keras_batchnorm_inverts_replace(rng, kind):
+    build, shape = BUILDERS[kind]
+    model = build()
+    _randomize_bns(model, rng)
+    back = to_keras_batchnorm(keras_bn.replace_batchnorm(model))
+    assert _bn_layers(back) and all(
+        type(la) is keras.layers.BatchNormalization for la in _bn_layers(back)
+    )
+    x = rng.normal(size=shape).astype("float32")
+    h.assert_close(back(x), h.to_numpy(model(x)), what="inference")
 
 
 def test_replaced_model_trains(rng):

@@ -1,0 +1,130 @@
+"""Every use of Keras's private API in keras-bn, in one place.
+
+Keras 3 has no public way to walk a Functional graph node by node, to read a
+model's nested input structure, or to list a layer's sublayers. The folding
+and replacing code needs all three, so they live here: a Keras upgrade that
+renames `_nodes_by_depth`, `_inbound_nodes`, `_keras_history`,
+`_inputs_struct` or `_flatten_layers` touches this file only.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import keras
+
+
+def is_functional(model) -> bool:
+    """True for a Functional model (`keras.Model(inputs, outputs)`)."""
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, Functional)
+
+
+def is_graph_model(model) -> bool:
+    """True for a Sequential or Functional model (a graph to rewrite)."""
+    return isinstance(model, keras.Sequential) or is_functional(model)
+
+
+def inputs_struct(model):
+    """The model's nested input structure (Functional), else `None`."""
+    if isinstance(model, keras.Sequential) or not is_functional(model):
+        return None
+    return model._inputs_struct
+
+
+def pack_inputs(model, flat: list):
+    """Packs a flat list of arrays the way `model` expects its inputs."""
+    struct = inputs_struct(model)
+    if struct is None:
+        return flat[0] if len(flat) == 1 else flat
+    return keras.tree.pack_sequence_as(struct, list(flat))
+
+
+def sublayers(layer) -> list:
+    """Every layer tracked inside `layer` (recursively), `layer` excluded."""
+    return list(layer._flatten_layers(include_self=False, recursive=True))
+
+
+class Graph:
+    """Consumers, producers and per-operation nodes of one graph model.
+
+    Attributes:
+        graph: The Functional graph (a Sequential's inner Functional).
+        nodes: The nodes in topological order (inputs excluded).
+        operations: Each distinct operation (layer or `keras.ops` op) once.
+        layer_nodes: `id(operation)` -> its nodes.
+    """
+
+    def __init__(self, model):
+        graph = model._functional if isinstance(model, keras.Sequential) else model
+        if graph is None:
+            raise ValueError(
+                f"The Sequential model {model.name!r} has no graph yet. Start it "
+                "with `keras.Input(shape)` (or call it on data) first."
+            )
+        self.graph = graph
+        depths = sorted(graph._nodes_by_depth, reverse=True)
+        self.nodes = [
+            n
+            for d in depths
+            for n in graph._nodes_by_depth[d]
+            if n.operation is not None and not n.is_input
+        ]
+        self.node_ids = {id(n) for n in self.nodes}
+        self.consumers = collections.defaultdict(list)
+        self.layer_nodes = collections.defaultdict(list)
+        for n in self.nodes:
+            self.layer_nodes[id(n.operation)].append(n)
+            for t in n.input_tensors:
+                self.consumers[id(t)].append(n)
+        self.output_ids = {id(t) for t in graph.outputs}
+        self.operations = list(
+            {id(n.operation): n.operation for n in self.nodes}.values()
+        )
+
+    def producer(self, tensor):
+        """The node making `tensor` in this graph, or None (an input)."""
+        op, node_index, _ = tensor._keras_history
+        node = op._inbound_nodes[node_index]
+        return node if id(node) in self.node_ids else None
+
+    def only_consumer(self, tensor):
+        """The single node consuming `tensor`, or None (several, none, output)."""
+        users = self.consumers.get(id(tensor), [])
+        if id(tensor) in self.output_ids or len(users) != 1:
+            return None
+        return users[0]
+
+    def rebuild(self, model, replacement: dict):
+        """A new model calling `replacement[id(op)]` in place of each op.
+
+        A replacement of `None` makes the node an identity on its first input.
+        """
+        if isinstance(model, keras.Sequential):
+            layers = [replacement[id(op)] for op in model.layers]
+            layers = [lyr for lyr in layers if lyr is not None]
+            inputs = _new_input(model.inputs[0])
+            return keras.Sequential([inputs, *layers], name=model.name)
+        graph = self.graph
+        tensors = {}
+        new_inputs = keras.tree.map_structure(_new_input, graph._inputs_struct)
+        for old, new in zip(graph.inputs, keras.tree.flatten(new_inputs), strict=True):
+            tensors[id(old)] = new
+        for node in self.nodes:
+            args, kwargs = node.arguments.fill_in(tensors)
+            op = replacement[id(node.operation)]
+            if op is None:  # folded away: identity
+                outputs = args[0] if args else kwargs["inputs"]
+            else:
+                outputs = op(*args, **kwargs)
+            for old, new in zip(node.outputs, keras.tree.flatten(outputs), strict=True):
+                tensors[id(old)] = new
+        outputs = keras.tree.map_structure(
+            lambda t: tensors[id(t)], graph._outputs_struct
+        )
+        return keras.Model(new_inputs, outputs, name=model.name)
+
+
+def _new_input(x):
+    return keras.Input(batch_shape=x.shape, dtype=x.dtype, sparse=x.sparse, name=x.name)

@@ -1,0 +1,86 @@
+"""One tf2onnx conversion of a Keras model, with its constants frozen.
+
+`tf2onnx.convert.from_function` (what Keras's `model.export(format="onnx")`
+calls) names every input of the concrete function a graph input, captured
+constants included: a `Normalization(mean=..., variance=...)` layer's
+constants become extra inputs the ONNX session demands. It also keeps calls
+of functions marked `_noinline` (Keras's grouped convolution on TensorFlow is
+a `jit_compile` function) as `StatefulPartitionedCall`, which ONNX has no op
+for. Here the function is frozen first (variables and captured constants
+become graph constants), those functions are made inlinable, and only the
+model's own inputs are given to tf2onnx, which then emits a grouped ONNX
+`Conv` and constant-folds the preprocessing.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from converters import _keras_graph
+from converters._deps import require
+
+# Function attributes that stop TensorFlow's graph optimizer from inlining.
+_NO_INLINE = ("_noinline", "_XlaMustCompile", "_XlaCompile")
+
+
+def signature_of(model, input_signature=None) -> list:
+    """The `tf.TensorSpec`s to trace `model` with (free batch dimension)."""
+    tf = require("tensorflow")
+    if input_signature is not None:
+        return list(input_signature)
+    if not _keras_graph.is_graph_model(model):
+        raise ValueError(
+            f"{model.name!r} is a subclassed {type(model).__name__}: it has no "
+            "declared inputs to export. Pass `input_signature=[tf.TensorSpec("
+            "(None, ...), 'float32')]` (one spec per input) to trace its "
+            "`call`, or rebuild it with the Functional API."
+        )
+    specs = []
+    for i, x in enumerate(model.inputs):
+        name = getattr(x, "name", None) or f"input_{i}"
+        specs.append(tf.TensorSpec((None, *x.shape[1:]), x.dtype, name=name))
+    return specs
+
+
+def to_onnx(model, signature: list, opset: int):
+    """`model(inputs, training=False)` as an ONNX `ModelProto`."""
+    tf = require("tensorflow")
+    tf2onnx = require("tf2onnx")
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    def call(*args):
+        inputs = _keras_graph.pack_inputs(model, list(args))
+        return keras.tree.flatten(model(inputs, training=False))
+
+    fn = tf.function(call, input_signature=signature)
+    concrete = fn.get_concrete_function()
+    # The model's own inputs come first; captured tensors follow.
+    input_names = [t.name for t in concrete.inputs[: len(signature)]]
+    output_names = [t.name for t in concrete.outputs]
+    frozen = convert_variables_to_constants_v2(
+        concrete, lower_control_flow=False, aggressive_inlining=True
+    )
+    graph_def = frozen.graph.as_graph_def(add_shapes=True)
+    for function in graph_def.library.function:
+        for key in _NO_INLINE:
+            if key in function.attr:
+                del function.attr[key]
+    for node in graph_def.node:
+        for key in _NO_INLINE:
+            if key in node.attr:
+                del node.attr[key]
+    rename = tf2onnx.convert.tensor_names_from_structed(
+        concrete, input_names, output_names
+    )
+    with tf.device("/cpu:0"):
+        proto, _ = tf2onnx.convert.from_graph_def(
+            graph_def,
+            name=concrete.name,
+            input_names=input_names,
+            output_names=output_names,
+            opset=opset,
+            tensors_to_rename=rename,
+        )
+    return proto

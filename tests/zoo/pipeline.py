@@ -1,0 +1,206 @@
+"""The user's whole journey on one model, stage by stage (TensorFlow backend).
+
+`run(build, shape)` takes a model with Keras's BatchNormalization (random
+weights), randomizes every BN's statistics, then:
+
+1. `keras_bn.replace_batchnorm` -> inference parity with the original;
+2. one `fit` step under `jit_compile=True` (finite loss, statistics moved);
+3. `.keras` save and load -> the loaded model computes the same;
+4. `converters.fold_batchnorm` -> parity with the loaded model;
+5. `converters.export_onnx` -> ONNX Runtime parity (checked inside);
+6. the `keras-bn inspect` and `keras-bn export` commands (exit status 0);
+   (5 and 6's export need the TensorFlow backend and are skipped on others)
+7. measurements for docs/zoo.md: ONNX node counts of our file and of Keras's
+   own export of the *original* model, and ONNX Runtime latency at batch 1
+   (one thread) with default optimizations and with ORT_DISABLE_ALL.
+
+Each stage's outcome goes into a dict; a stage that raises is recorded as
+failed with its message, and later stages that need it are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import time
+import traceback
+
+import keras
+import numpy as np
+
+RTOL = 1e-5  # max|a - b| / max|b| per output, every comparison
+
+
+def randomize_bn(model, rng) -> int:
+    """Non-trivial BN statistics and affine parameters; returns the BN count."""
+    from converters._keras_graph import sublayers
+
+    n = 0
+    for layer in sublayers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.2, c))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, c))
+            if layer.scale:
+                layer.gamma.assign(rng.uniform(0.5, 1.5, c))
+            if layer.center:
+                layer.beta.assign(rng.normal(0, 0.2, c))
+            n += 1
+    return n
+
+
+def rel(a, b) -> float:
+    from converters.export import relative_error
+
+    a = [keras.ops.convert_to_numpy(t) for t in keras.tree.flatten(a)]
+    b = [keras.ops.convert_to_numpy(t) for t in keras.tree.flatten(b)]
+    return max(relative_error(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _stage(result, name, fn):
+    t = time.perf_counter()
+    try:
+        out = fn()
+        result[name] = "ok"
+        return out
+    except Exception as e:  # noqa: BLE001 - recorded, reported in the table
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        result[name] = f"FAILED: {type(e).__name__}: {first}"
+        result.setdefault("tracebacks", {})[name] = traceback.format_exc()
+        return None
+    finally:
+        result.setdefault("seconds", {})[name] = round(time.perf_counter() - t, 1)
+
+
+def _cli(*args) -> int:
+    from converters.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return main([str(a) for a in args])
+
+
+def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
+    """Runs every stage on `build()` with inputs of `shape` (no batch axis)."""
+    import onnx
+
+    from converters import export_onnx, fold_batchnorm
+    from converters.export import keras_baseline, node_counts
+    from keras_bn import replace_batchnorm
+
+    rng = np.random.default_rng(seed)
+    result = {}
+    original = build()
+    result["bn_layers"] = randomize_bn(original, rng)
+    result["params"] = original.count_params()
+    x = rng.normal(size=(batch, *shape)).astype("float32")
+    ref = original(x, training=False)
+
+    ours = _stage(result, "replace", lambda: replace_batchnorm(original))
+    if ours is None:
+        return result
+    result["replace_parity"] = rel(ours(x, training=False), ref)
+
+    def fit():
+        ours.compile(optimizer="sgd", loss="mse", jit_compile=True)
+        y = keras.tree.map_structure(
+            lambda t: np.zeros(t.shape, "float32"), ours(x, training=False)
+        )
+        before = [np.array(v) for v in ours.non_trainable_weights]
+        loss = ours.fit(x, y, batch_size=batch, epochs=1, verbose=0).history["loss"]
+        after = [np.array(v) for v in ours.non_trainable_weights]
+        if not np.isfinite(loss[0]):
+            raise FloatingPointError(f"loss {loss[0]}")
+        moved = any(
+            not np.array_equal(a, b) for a, b in zip(before, after, strict=True)
+        )
+        if before and not moved:
+            raise AssertionError("no moving statistic changed")
+
+    _stage(result, "fit_jit", fit)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        keras_path = os.path.join(tmp, "model.keras")
+
+        def save_load():
+            ours.save(keras_path)
+            loaded = keras.saving.load_model(keras_path)
+            err = rel(loaded(x, training=False), ours(x, training=False))
+            if err != 0.0:
+                raise AssertionError(f"loaded model differs: {err:.2e}")
+            return loaded
+
+        loaded = _stage(result, "save_load", save_load)
+        if loaded is None:
+            return result
+        now = loaded(x, training=False)
+
+        folded = _stage(result, "fold", lambda: fold_batchnorm(loaded))
+        if folded is not None:
+            model, report = folded
+            result["fold_parity"] = rel(model(x, training=False), now)
+            result["folded"], result["kept"] = report.num_folded, report.num_kept
+
+        result["cli_inspect"] = _cli("inspect", keras_path)
+        if keras.backend.backend() != "tensorflow":
+            return result  # ONNX export: TensorFlow only
+        onnx_path = os.path.join(tmp, "model.onnx")
+        export = _stage(
+            result, "export_onnx", lambda: export_onnx(loaded, onnx_path, samples=2)
+        )
+        if export is not None:
+            result["onnx_parity"] = export.max_rel_error
+            result["nodes"] = sum(export.nodes.values())
+            result["bn_nodes_left"] = export.nodes.get("BatchNormalization", 0)
+        result["cli_export"] = _cli(
+            "export", keras_path, "-o", os.path.join(tmp, "cli.onnx"), "--samples", 2
+        )
+        if measure and export is not None:
+            _stage(
+                result,
+                "measure",
+                lambda: _measure(
+                    result, original, onnx.load(onnx_path), keras_baseline, node_counts
+                ),
+            )
+    return result
+
+
+def _measure(result, original, proto, keras_baseline, node_counts):
+    """Node counts and latency against Keras's export of the original model."""
+    import onnxruntime as ort
+
+    from converters._tf_convert import signature_of
+    from converters.bench import interleaved_latency_ms
+
+    signature = signature_of(original)
+    rng = np.random.default_rng(1)
+    arrays = [rng.normal(size=(1, *s.shape[1:])).astype("float32") for s in signature]
+    what, base = keras_baseline(original, signature, 17, arrays)
+    result["baseline"] = what
+    result["keras_nodes"] = sum(node_counts(base).values())
+    for level, key in (
+        (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "ratio_default"),
+        (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "ratio_disable_all"),
+    ):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = level
+        sessions = [
+            ort.InferenceSession(
+                p.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+            )
+            for p in (proto, base, base)
+        ]
+        feeds = [
+            {i.name: a for i, a in zip(s.get_inputs(), arrays, strict=True)}
+            for s in sessions
+        ]
+        ours_ms, base_ms, aa_ms = interleaved_latency_ms(
+            sessions, feeds, runs=100, warmup=10
+        )
+        # > 1: our file is faster than Keras's export; A/A: baseline vs itself.
+        result[key] = base_ms / ours_ms
+        result[key.replace("ratio", "aa")] = base_ms / aa_ms
+        result[key.replace("ratio", "ms")] = ours_ms

@@ -1,0 +1,121 @@
+"""Times an epoch of `model.fit` for a Conv-BN-ReLU net, per normalization layer.
+
+The net: 4 blocks of Conv2D (3x3, no bias) -> normalization -> ReLU on a
+32x32x3 input, then global average pooling and a 10-way Dense, trained with
+SGD on random data, batch 64. The normalization is Keras's
+`BatchNormalization`, keras_bn's, or `Identity` (the limit: a net without BN).
+Each is compiled twice: with Keras's default `compile()` (`jit_compile="auto"`,
+which is no XLA on TensorFlow on a CPU) and with `jit_compile=True`.
+
+All models are built and warmed up (one epoch, which traces the step) first;
+then the timed epochs alternate between them, `--repeats` rounds, and the
+median epoch time is reported. "BN cost" is a model's epoch minus the
+Identity model's epoch in the same compile mode; the last column is keras_bn's
+BN cost as a fraction of Keras's.
+
+    KERAS_BACKEND=tensorflow python bench/bench_fit.py
+    KERAS_BACKEND=jax python bench/bench_fit.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+LAYERS = ("Keras BN", "keras_bn", "no BN (Identity)")
+MODES = {"default compile": "auto", "jit_compile=True": True}
+
+
+def _norm(kind: str):
+    import keras
+
+    import keras_bn
+
+    if kind == "Keras BN":
+        return keras.layers.BatchNormalization()
+    if kind == "keras_bn":
+        return keras_bn.BatchNormalization()
+    return keras.layers.Identity()
+
+
+def build(kind: str, filters=(32, 32, 64, 64), seed: int = 0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((32, 32, 3))]
+    for f in filters:
+        layers += [
+            keras.layers.Conv2D(f, 3, padding="same", use_bias=False),
+            _norm(kind),
+            keras.layers.ReLU(),
+        ]
+    layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
+    return keras.Sequential(layers)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=16, help="steps per epoch")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated: {list(MODES)}"
+    )
+    args = parser.parse_args(argv)
+
+    import keras
+
+    rng = np.random.default_rng(0)
+    n = args.steps * args.batch
+    x = rng.normal(size=(n, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, n)
+    models = {}
+    for mode in args.modes.split(","):
+        for kind in LAYERS:
+            model = build(kind)
+            model.compile(
+                optimizer="sgd",
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                jit_compile=MODES[mode],
+            )
+            model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)  # warm-up
+            models[(mode, kind)] = model
+    times = {key: [] for key in models}
+    for _ in range(args.repeats):
+        for key, model in models.items():
+            t0 = time.perf_counter()
+            model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)
+            times[key].append(time.perf_counter() - t0)
+
+    print(
+        f"backend={keras.backend.backend()} keras={keras.__version__} "
+        f"machine={platform.machine()} cpus={os.cpu_count()} "
+        f"repeats={args.repeats} steps/epoch={args.steps} batch={args.batch}"
+    )
+    print(
+        "| compile | resolved jit_compile | layer | median epoch s | min s | "
+        "max s | BN cost s | BN cost / Keras BN's |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for mode in args.modes.split(","):
+        med = {k: statistics.median(times[(mode, k)]) for k in LAYERS}
+        base = med["no BN (Identity)"]
+        keras_cost = med["Keras BN"] - base
+        for kind in LAYERS:
+            t = times[(mode, kind)]
+            cost = med[kind] - base
+            frac = f"{cost / keras_cost:.2f}" if kind != LAYERS[2] else ""
+            print(
+                f"| {mode} | {models[(mode, kind)].jit_compile} | {kind} | "
+                f"{med[kind]:.3f} | {min(t):.3f} | {max(t):.3f} | "
+                f"{cost:.3f} | {frac} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -15,21 +15,6 @@ import jax.numpy as jnp
 from keras_bn import _kernels
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _train(x, scale, offset, weights, axis, epsilon, all_reduce, count_epsilon):
-    y, mean, var, _ = _kernels.forward(
-        x,
-        scale,
-        offset,
-        weights,
-        axis=axis,
-        epsilon=epsilon,
-        all_reduce=all_reduce,
-        count_epsilon=count_epsilon,
-    )
-    return y, mean, var
-
-
 def _train_fwd(x, scale, offset, weights, axis, epsilon, all_reduce, count_epsilon):
     y, mean, var, res = _kernels.forward(
         x,
@@ -42,6 +27,12 @@ def _train_fwd(x, scale, offset, weights, axis, epsilon, all_reduce, count_epsil
         count_epsilon=count_epsilon,
     )
     return (y, mean, var), res
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _train(x, scale, offset, weights, axis, epsilon, all_reduce, count_epsilon):
+    args = (axis, epsilon, all_reduce, count_epsilon)
+    return _train_fwd(x, scale, offset, weights, *args)[0]
 
 
 def _train_bwd(axis, epsilon, all_reduce, count_epsilon, res, cotangents):

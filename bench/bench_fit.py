@@ -10,9 +10,10 @@ which is no XLA on TensorFlow on a CPU) and with `jit_compile=True`.
 All models are built and warmed up (one epoch, which traces the step) first;
 then the timed epochs alternate between them, `--repeats` rounds, and the
 median epoch time is reported (from the epoch's start to its end, measured by
-a callback: `fit`'s own set-up is not counted). "BN cost" is a model's epoch minus the
-Identity model's epoch in the same compile mode; the last column is keras_bn's
-BN cost as a fraction of Keras's.
+a callback: `fit`'s own set-up is not counted), and the median of all timed
+steps (less sensitive to other processes on a shared machine). "BN cost" is a
+model's time minus the Identity model's in the same compile mode, and keras_bn's
+BN cost is given as a fraction of Keras's.
 
     KERAS_BACKEND=tensorflow python bench/bench_fit.py
     KERAS_BACKEND=jax python bench/bench_fit.py
@@ -60,12 +61,19 @@ def build(kind: str, filters=(32, 32, 64, 64), seed: int = 0):
 
 
 def _epoch_timer():
-    """A callback recording the wall time of each epoch (not fit's set-up)."""
+    """A callback recording the wall time of each epoch and of its steps."""
     import keras
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
+            self.steps = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.t_step = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps.append(time.perf_counter() - self.t_step)
 
         def on_epoch_end(self, epoch, logs=None):
             self.seconds = time.perf_counter() - self.t0
@@ -101,6 +109,7 @@ def main(argv=None) -> None:
             model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)  # warm-up
             models[(mode, kind)] = model
     times = {key: [] for key in models}
+    steps = {key: [] for key in models}
     timer = _epoch_timer()
     for _ in range(args.repeats):
         for key, model in models.items():
@@ -108,6 +117,7 @@ def main(argv=None) -> None:
                 x, y, batch_size=args.batch, epochs=1, verbose=0, callbacks=[timer]
             )
             times[key].append(timer.seconds)
+            steps[key].extend(timer.steps)
 
     print(
         f"backend={keras.backend.backend()} keras={keras.__version__} "
@@ -115,23 +125,28 @@ def main(argv=None) -> None:
         f"repeats={args.repeats} steps/epoch={args.steps} batch={args.batch}"
     )
     print(
-        "| compile | resolved jit_compile | layer | median epoch s | min s | "
-        "max s | BN cost s | BN cost / Keras BN's |"
+        "| compile | resolved jit_compile | layer | median epoch s (min-max) | "
+        "BN cost s | BN cost / Keras BN's | median step ms | BN cost ms | "
+        "BN cost / Keras BN's |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for mode in args.modes.split(","):
-        med = {k: statistics.median(times[(mode, k)]) for k in LAYERS}
-        base = med["no BN (Identity)"]
-        keras_cost = med["Keras BN"] - base
+        epoch = {k: statistics.median(times[(mode, k)]) for k in LAYERS}
+        step = {k: statistics.median(steps[(mode, k)]) for k in LAYERS}
         for kind in LAYERS:
             t = times[(mode, kind)]
-            cost = med[kind] - base
-            frac = f"{cost / keras_cost:.2f}" if kind != LAYERS[2] else ""
-            print(
-                f"| {mode} | {models[(mode, kind)].jit_compile} | {kind} | "
-                f"{med[kind]:.3f} | {min(t):.3f} | {max(t):.3f} | "
-                f"{cost:.3f} | {frac} |"
-            )
+            row = [mode, str(models[(mode, kind)].jit_compile), kind]
+            row.append(f"{epoch[kind]:.3f} ({min(t):.3f}-{max(t):.3f})")
+            for med, unit in ((epoch, 1.0), (step, 1e3)):
+                cost = med[kind] - med[LAYERS[2]]
+                keras_cost = med["Keras BN"] - med[LAYERS[2]]
+                if unit != 1.0:
+                    row.append(f"{med[kind] * unit:.1f}")
+                row.append(
+                    f"{cost * unit:.3f}" if unit == 1.0 else f"{cost * unit:.1f}"
+                )
+                row.append(f"{cost / keras_cost:.2f}" if kind != LAYERS[2] else "")
+            print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ All models are built and warmed up (one epoch, which traces the step) first;
 then the timed epochs alternate between them, `--repeats` rounds, and the
 median epoch time is reported (from the epoch's start to its end, measured by
 a callback: `fit`'s own set-up is not counted), and the median of all timed
-steps (less sensitive to other processes on a shared machine). "BN cost" is a
-model's time minus the Identity model's in the same compile mode, and keras_bn's
-BN cost is given as a fraction of Keras's.
+steps, and the median CPU time of an epoch (`time.process_time`: all threads
+of the process), the least sensitive to other processes on a shared machine.
+"BN cost" is a model's time minus the Identity model's in the same compile
+mode; keras_bn's BN cost is given as a fraction of Keras's.
 
     KERAS_BACKEND=tensorflow python bench/bench_fit.py
     KERAS_BACKEND=jax python bench/bench_fit.py
@@ -67,6 +68,7 @@ def _epoch_timer():
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
+            self.cpu0 = time.process_time()
             self.steps = []
 
         def on_train_batch_begin(self, batch, logs=None):
@@ -77,6 +79,7 @@ def _epoch_timer():
 
         def on_epoch_end(self, epoch, logs=None):
             self.seconds = time.perf_counter() - self.t0
+            self.cpu = time.process_time() - self.cpu0
 
     return EpochTimer()
 
@@ -110,6 +113,7 @@ def main(argv=None) -> None:
             models[(mode, kind)] = model
     times = {key: [] for key in models}
     steps = {key: [] for key in models}
+    cpu = {key: [] for key in models}
     timer = _epoch_timer()
     for _ in range(args.repeats):
         for key, model in models.items():
@@ -118,6 +122,7 @@ def main(argv=None) -> None:
             )
             times[key].append(timer.seconds)
             steps[key].extend(timer.steps)
+            cpu[key].append(timer.cpu)
 
     print(
         f"backend={keras.backend.backend()} keras={keras.__version__} "
@@ -126,25 +131,26 @@ def main(argv=None) -> None:
     )
     print(
         "| compile | resolved jit_compile | layer | median epoch s (min-max) | "
-        "BN cost s | BN cost / Keras BN's | median step ms | BN cost ms | "
-        "BN cost / Keras BN's |"
+        "BN cost / Keras BN's | median epoch CPU s | BN cost / Keras BN's | "
+        "median step ms | BN cost / Keras BN's |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for mode in args.modes.split(","):
-        epoch = {k: statistics.median(times[(mode, k)]) for k in LAYERS}
-        step = {k: statistics.median(steps[(mode, k)]) for k in LAYERS}
+        medians = [
+            {k: statistics.median(samples[(mode, k)]) for k in LAYERS}
+            for samples in (times, cpu, steps)
+        ]
         for kind in LAYERS:
             t = times[(mode, kind)]
             row = [mode, str(models[(mode, kind)].jit_compile), kind]
-            row.append(f"{epoch[kind]:.3f} ({min(t):.3f}-{max(t):.3f})")
-            for med, unit in ((epoch, 1.0), (step, 1e3)):
+            for med, fmt in zip(medians, ("{:.3f}", "{:.3f}", "{:.1f}"), strict=True):
+                value = med[kind] * (1e3 if fmt == "{:.1f}" else 1.0)
+                if med is medians[0]:
+                    row.append(f"{value:.3f} ({min(t):.3f}-{max(t):.3f})")
+                else:
+                    row.append(fmt.format(value))
                 cost = med[kind] - med[LAYERS[2]]
                 keras_cost = med["Keras BN"] - med[LAYERS[2]]
-                if unit != 1.0:
-                    row.append(f"{med[kind] * unit:.1f}")
-                row.append(
-                    f"{cost * unit:.3f}" if unit == 1.0 else f"{cost * unit:.1f}"
-                )
                 row.append(f"{cost / keras_cost:.2f}" if kind != LAYERS[2] else "")
             print("| " + " | ".join(row) + " |")
 

@@ -90,7 +90,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
     that computes per-channel statistics in one numerically stable pass and
     back-propagates with the closed-form gradient instead of autodiff through
     the composite, which XLA (`jit_compile=True` on TensorFlow, `jax.jit`)
-    compiles into few passes over the data.
+    compiles into few passes over the data. On TensorFlow without XLA (eager,
+    or `fit` with Keras's default `compile()` on CPUs and under
+    `tf.distribute` strategies) it trains with TensorFlow's fused op
+    (`FusedBatchNormV3`, as `tf_keras` does), falling back per batch to the
+    kernel where the op's unshifted float32 sums would lose accuracy (a mean
+    far from zero) or overflow.
 
     During training the layer returns, per channel,
 

@@ -29,10 +29,11 @@ FUSED_DTYPES = ("float16", "bfloat16", "float32")
 # cuDNN clamps a smaller epsilon (tf.compat.v1.nn.fused_batch_norm does too).
 FUSED_MIN_EPSILON = 1.001e-5
 # The fused op sums in float32 without a shift, so its mean carries a rounding
-# error of about |mean| * 2**-24 * sqrt(m) / 2 for m values per channel
-# (measured on TensorFlow 2.21's CPU kernel: bench/results/fused_numerics.md).
-# Where that error, in units of the batch standard deviation, could exceed
-# this bound, the batch is recomputed with the shifted kernel instead.
+# error that grows with |mean| and with the number m of values per channel:
+# 0.2-0.6 times |mean| * 2**-24 * sqrt(m) for means of 4 to 64 standard
+# deviations (TensorFlow 2.21's CPU kernel: bench/results/fused_numerics.md).
+# Where that estimate, in units of the batch standard deviation, exceeds this
+# bound, the batch is recomputed with the shifted kernel instead.
 FUSED_MAX_MEAN_ERROR = 1e-4
 _U = 2.0**-24
 

@@ -37,7 +37,14 @@ FUSED_MIN_EPSILON = 1.001e-5
 FUSED_MAX_MEAN_ERROR = 1e-4
 _U = 2.0**-24
 
+# AutoGraph has nothing to convert here (no Python control flow on tensors),
+# and converting these functions inside a user's `tf.function` was seen to
+# call the wrong cached conversion (`kernel_train` ran as a converted
+# `in_xla_context`) after many traces in one process (TensorFlow 2.21).
+_plain_python = tf.autograph.experimental.do_not_convert
 
+
+@_plain_python
 def in_xla_context() -> bool:
     """True while tracing a graph that XLA will compile (`jit_compile=True`).
 
@@ -52,6 +59,7 @@ def in_xla_context() -> bool:
     return control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph())
 
 
+@_plain_python
 def kernel_train(
     x, scale, offset, weights, *, axis, epsilon, all_reduce, count_epsilon
 ):
@@ -84,6 +92,7 @@ def kernel_train(
     return train(x, scale, offset)
 
 
+@_plain_python
 def fused_view(shape, axis: int):
     """`(shape4, data_format)`: how the fused op takes `x`, or None if it can't.
 
@@ -104,6 +113,7 @@ def fused_view(shape, axis: int):
     return (1 if axis == 0 else -1, channels, post, 1), "NCHW"
 
 
+@_plain_python
 def fused_train(x, scale, offset, *, axis, epsilon, fallback):
     """Trains with `FusedBatchNormV3` unless XLA compiles the step.
 
@@ -136,6 +146,7 @@ def fused_train(x, scale, offset, *, axis, epsilon, fallback):
     return tf.cond(good, lambda: (y, mean, var), fallback)
 
 
+@_plain_python
 def _fused_op(x, scale, offset, count, epsilon, data_format):
     """The op with its gradient op; also returns whether its statistics are good.
 
@@ -182,6 +193,7 @@ def _fused_op(x, scale, offset, count, epsilon, data_format):
     return y, mean, var, _good(mean, var, count, epsilon)
 
 
+@_plain_python
 def _good(mean, var, count, epsilon):
     """Finite statistics, and a mean the op's float32 sums resolve well enough."""
     bound = FUSED_MAX_MEAN_ERROR / (_U * tf.sqrt(count))
@@ -192,10 +204,12 @@ def _good(mean, var, count, epsilon):
     )
 
 
+@_plain_python
 def is_traced(x) -> bool:
     return not tf.executing_eagerly()
 
 
+@_plain_python
 def cross_replica_sum():
     ctx = tf.distribute.get_replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
@@ -203,6 +217,7 @@ def cross_replica_sum():
     return lambda v: ctx.all_reduce(tf.distribute.ReduceOp.SUM, v)
 
 
+@_plain_python
 def assert_divisible(x, k: int):
     check = tf.debugging.assert_equal(
         tf.shape(x)[0] % k,
@@ -213,17 +228,21 @@ def assert_divisible(x, k: int):
         return tf.identity(x)
 
 
+@_plain_python
 def compile_function(fn, jit: bool):
     return tf.function(fn, jit_compile=jit)
 
 
+@_plain_python
 def convert_inputs(x):
     return keras.tree.map_structure(tf.convert_to_tensor, x)
 
 
+@_plain_python
 def variable_index(model):
     return None
 
 
+@_plain_python
 def current_value(model, variable, index):
     return variable.value

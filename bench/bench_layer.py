@@ -2,9 +2,12 @@
 
 Compares `keras_bn.BatchNormalization` with its peers in the same process:
 
-* TensorFlow backend: Keras 3's BatchNormalization with XLA on and off, and
-  `tf_keras.layers.BatchNormalization` (fused kernel; `pip install --no-deps
-  tf-keras`), plus ours with XLA off.
+* TensorFlow backend: ours without XLA (TensorFlow's fused op, the path of
+  `fit` with Keras's default `jit_compile="auto"` on a CPU) and with XLA (our
+  kernel); Keras 3's BatchNormalization with XLA on and off;
+  `tf_keras.layers.BatchNormalization` (fused for 4-D inputs; `pip install
+  --no-deps tf-keras`); and the fused op alone on a 4-D view, without a layer
+  (the floor of the no-XLA path). Ratios are against ours without XLA.
 * JAX backend: Keras 3's BatchNormalization, both under `jax.jit`; with
   `--floor`, the bandwidth floor: 8 passes over the tensor (forward: read x
   for the statistics, read x and write y; backward: read x and dy for the
@@ -14,7 +17,8 @@ Compares `keras_bn.BatchNormalization` with its peers in the same process:
 A step is: y = layer(x, training=True) with the moving statistics updated,
 and the gradients of <y, dy> w.r.t. x, gamma and beta; y and the gradients
 are all outputs of the step, so no candidate can skip computing y. Reported: median (and
-min) over `--repeats` timed runs of `--inner` steps each, after warm-up.
+min) over `--repeats` timed runs of `--inner` steps each, after warm-up, the
+candidates' runs interleaved.
 
     KERAS_BACKEND=tensorflow python bench/bench_layer.py            # CPU table
     KERAS_BACKEND=jax python bench/bench_layer.py
@@ -51,6 +55,26 @@ def _time(fn, repeats: int, inner: int, sync) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
+def _time_alternated(cands: dict, repeats: int, inner: int, sync) -> dict:
+    """`_time` for every candidate, their timed runs interleaved.
+
+    Each repeat runs every candidate once, in turn, so that a slow phase of a
+    shared machine hits all of them alike; returns name -> (median, min).
+    """
+    for fn in cands.values():
+        for _ in range(3):
+            sync(fn())
+    times = {name: [] for name in cands}
+    for _ in range(repeats):
+        for name, fn in cands.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                out = fn()
+            sync(out)
+            times[name].append((time.perf_counter() - t0) / inner)
+    return {n: (statistics.median(t), min(t)) for n, t in times.items()}
+
+
 def _tf_step_fn(layer, jit):
     """Forward and backward in one `tf.function`, as in `fit`'s train step.
 
@@ -74,6 +98,33 @@ def _tf_step_fn(layer, jit):
     return tf.function(step, jit_compile=jit)
 
 
+def _tf_fused_op_step(x, dy, axis):
+    """`tf.compat.v1.nn.fused_batch_norm` on a 4-D view, without a layer.
+
+    The floor for the no-XLA path: the op and its registered gradient only,
+    no moving-average update; 2-D input as `(N, 1, 1, C)`.
+    """
+    import tensorflow as tf
+
+    rank = len(x.shape)
+    fmt = "NCHW" if axis == 1 and rank == 4 else "NHWC"
+    c = x.shape[axis]
+    view = x.shape if rank == 4 else (-1, 1, 1, c)
+    scale, offset = tf.Variable(tf.ones(c)), tf.Variable(tf.zeros(c))
+
+    @tf.function(jit_compile=False)
+    def step(x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                tf.reshape(x, view), scale, offset, epsilon=1e-3, data_format=fmt
+            )
+            y = tf.reshape(y, tf.shape(x))
+        return y, tape.gradient(y, [x, scale, offset], output_gradients=dy)
+
+    return lambda: step(x, dy)
+
+
 def _tf_candidates(shape, axis, dtype):
     import keras
     import tensorflow as tf
@@ -90,11 +141,11 @@ def _tf_candidates(shape, axis, dtype):
 
     policy = "mixed_bfloat16" if dtype == "bfloat16" else dtype
     cands = {
-        "keras_bn (XLA)": step_fn(
-            keras_bn.BatchNormalization(axis=axis, dtype=policy), True
-        ),
         "keras_bn (no XLA)": step_fn(
             keras_bn.BatchNormalization(axis=axis, dtype=policy), False
+        ),
+        "keras_bn (XLA)": step_fn(
+            keras_bn.BatchNormalization(axis=axis, dtype=policy), True
         ),
         "Keras 3 BN (XLA)": step_fn(
             keras.layers.BatchNormalization(axis=axis, dtype=policy), True
@@ -115,6 +166,7 @@ def _tf_candidates(shape, axis, dtype):
         cands[f"tf_keras BN ({fused})"] = lambda: step(x, dy)
     except ImportError:
         print("tf_keras not installed: pip install --no-deps tf-keras")
+    cands["fused op alone (no XLA)"] = _tf_fused_op_step(x, dy, axis)
 
     def sync(out):
         for t in tf.nest.flatten(out):
@@ -306,9 +358,7 @@ def main(argv=None) -> None:
     for dtype in args.dtypes.split(","):
         for shape, axis in SHAPES[args.shapes]:
             cands, sync, x = make(shape, axis, dtype)
-            results = {}
-            for name, fn in cands.items():
-                results[name] = _time(fn, args.repeats, args.inner, sync)
+            results = _time_alternated(cands, args.repeats, args.inner, sync)
             if args.floor and backend == "jax":
                 floor, bw = _copy_floor(x, args.repeats, max(args.inner, 10))
                 results[f"floor (8 passes @ {bw / 1e9:.0f} GB/s)"] = (floor, floor)

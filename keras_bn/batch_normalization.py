@@ -9,7 +9,8 @@ import warnings
 import keras
 from keras import backend, ops
 
-from keras_bn import _fused, _ghost, _kernels
+from keras_bn import _ghost, _kernels, _train
+from keras_bn import backend as _backend
 
 _RENORM_KEYS = ("rmax", "rmin", "dmax")
 _warned: set[str] = set()
@@ -19,17 +20,6 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _is_traced(x) -> bool:
-    """True inside `tf.function`/`jax.jit` (as in `fit`), False when eager."""
-    if backend.backend() == "jax":
-        import jax
-
-        return isinstance(x, jax.core.Tracer)
-    import tensorflow as tf
-
-    return not tf.executing_eagerly()
 
 
 def _check_unit_interval(name: str, value) -> float:
@@ -100,7 +90,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
     that computes per-channel statistics in one numerically stable pass and
     back-propagates with the closed-form gradient instead of autodiff through
     the composite, which XLA (`jit_compile=True` on TensorFlow, `jax.jit`)
-    compiles into few passes over the data.
+    compiles into few passes over the data. On TensorFlow without XLA (eager,
+    or `fit` with Keras's default `compile()` on CPUs and under
+    `tf.distribute` strategies) it trains with TensorFlow's fused op
+    (`FusedBatchNormV3`, as `tf_keras` does), falling back per batch to the
+    kernel where the op's unshifted float32 sums would lose accuracy (a mean
+    far from zero) or overflow.
 
     During training the layer returns, per channel,
 
@@ -247,7 +242,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             unknown = sorted(set(renorm_clipping) - set(_RENORM_KEYS))
             if unknown:
                 raise ValueError(
-                    f"Unknown key(s) {unknown} in argument `renorm_clipping`; "
+                    f"Received invalid keys for `renorm_clipping` argument: "
+                    f"unknown key(s) {unknown}; "
                     f"supported keys are {list(_RENORM_KEYS)}. Received: "
                     f"renorm_clipping={renorm_clipping!r}"
                 )
@@ -362,14 +358,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return ops.cast(gamma, "float32"), ops.cast(beta, "float32")
 
     def _all_reduce(self):
-        if not (self.synchronized and backend.backend() == "tensorflow"):
-            return None
-        import tensorflow as tf
-
-        ctx = tf.distribute.get_replica_context()
-        if ctx is None or ctx.num_replicas_in_sync == 1:
-            return None
-        return lambda v: ctx.all_reduce(tf.distribute.ReduceOp.SUM, v)
+        """Sums over replicas (synchronized, several replicas), else None."""
+        return _backend.cross_replica_sum() if self.synchronized else None
 
     def _train(self, inputs, gamma, beta, weights):
         if self.virtual_batch_size is not None:
@@ -382,7 +372,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             count_epsilon=0.0 if weights is None else backend.epsilon(),
         )
         if not self.renorm and all_reduce is None:
-            y, mean, var = _fused.batch_norm_train(inputs, gamma, beta, weights, **kw)
+            y, mean, var = _train.batch_norm_train(inputs, gamma, beta, weights, **kw)
             return y, mean, self._unbias(var, inputs, weights, kw)
         # The kernel normalizes only (xhat, in float32 so that a float16 output
         # is rounded once and gamma's gradient comes from unrounded xhat), and
@@ -390,11 +380,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
         # and beta's gradients are this replica's partial sums (the optimizer
         # sums them over replicas) while the input gradient uses the global
         # sums; under renorm because the map depends on the batch statistics.
-        xhat, mean, var = _fused.batch_norm_train(
+        xhat, mean, var = _train.batch_norm_train(
             ops.cast(inputs, "float32"),
             ops.ones_like(gamma),
             ops.zeros_like(beta),
             weights,
+            fused=False,  # renorm differentiates the statistics
             **kw,
         )
         if self.renorm:
@@ -426,7 +417,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         channels = inputs.shape[axis]
         static = all(d is not None for d in inputs.shape)
         if not static:
-            inputs = _assert_divisible(inputs, k)
+            inputs = _backend.assert_divisible(inputs, k)
         if weights is not None or not static:
             # The weights path counts values at run time (unknown batch size).
             w = ops.ones([1] * len(inputs.shape)) if weights is None else weights
@@ -438,8 +429,13 @@ class BatchNormalization(keras.layers.BatchNormalization):
             epsilon=self.epsilon,
             count_epsilon=0.0 if weights is None else backend.epsilon(),
         )
-        y, mean, var = _fused.batch_norm_train(
-            x, _ghost.tile(gamma, groups), _ghost.tile(beta, groups), weights, **kw
+        y, mean, var = _train.batch_norm_train(
+            x,
+            _ghost.tile(gamma, groups),
+            _ghost.tile(beta, groups),
+            weights,
+            fused=False,
+            **kw,
         )
         var = self._unbias(var, x, weights, kw)
         y = _ghost.unfold(y, inputs, self._channel_axis, k)
@@ -488,7 +484,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if all(d is not None for d in dims):
             if math.prod(dims) > 1:
                 return True
-            if not _is_traced(inputs):
+            if not _backend.is_traced(inputs):
                 raise ValueError(
                     f"Layer '{self.name}' got a training batch with a single value "
                     f"per channel (input shape {tuple(inputs.shape)}, axis="
@@ -550,18 +546,3 @@ class BatchNormalization(keras.layers.BatchNormalization):
             "virtual_batch_size": self.virtual_batch_size,
             "unbiased_variance": self.unbiased_variance,
         }
-
-
-def _assert_divisible(inputs, k: int):
-    """Run-time check of the batch size (TensorFlow, unknown batch size)."""
-    if backend.backend() != "tensorflow":
-        return inputs
-    import tensorflow as tf
-
-    check = tf.debugging.assert_equal(
-        tf.shape(inputs)[0] % k,
-        0,
-        message=f"keras_bn: the batch size is not divisible by virtual_batch_size={k}",
-    )
-    with tf.control_dependencies([check]):
-        return tf.identity(inputs)

@@ -177,8 +177,11 @@ def backend_cast(x, dtype):
     return ops.cast(ops.convert_to_tensor(x), dtype)
 
 
-def run_layer(layer, x, dy=None, *, training=True, mask=None, jit=False):
+def run_layer(layer, x, dy=None, *, training=True, mask=None, jit=False, graph=False):
     """Runs `layer(x)` once, applying its state updates, with gradients.
+
+    `graph=True` (TensorFlow only) runs the step in a plain `tf.function`
+    without XLA, as `fit` does with `jit_compile=False`.
 
     Returns a dict with `y`, and if `dy` is given, `dx` and `dweights` (the
     gradients wrt `layer.trainable_variables`, in order). The layer must be
@@ -194,6 +197,8 @@ def run_layer(layer, x, dy=None, *, training=True, mask=None, jit=False):
     if backend_name() == "jax":
         import jax
 
+        if graph:
+            raise ValueError("graph=True is TensorFlow's tf.function without XLA")
         tv = [v.value for v in layer.trainable_variables]
         ntv = [v.value for v in layer.non_trainable_variables]
 
@@ -236,8 +241,8 @@ def run_layer(layer, x, dy=None, *, training=True, mask=None, jit=False):
         )
         return y, grads
 
-    if jit:
-        step = tf.function(step, jit_compile=True)
+    if jit or graph:
+        step = tf.function(step, jit_compile=bool(jit))
     y, grads = step(x, mask, None if dy is None else tf.convert_to_tensor(dy))
     out = {"y": y}
     if grads is not None:

@@ -433,7 +433,8 @@ def test_fit_runs(rng, jit_compile):
         (
             dict(renorm=True, renorm_clipping={"rmax": 2, "bogus": 1}),
             ValueError,
-            r"Unknown key\(s\) \['bogus'\] in argument `renorm_clipping`",
+            r"Received invalid keys for `renorm_clipping` argument: "
+            r"unknown key\(s\) \['bogus'\]",
         ),
         (
             dict(renorm=True, renorm_clipping=[1.0]),

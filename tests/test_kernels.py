@@ -1,4 +1,4 @@
-"""Tests for `keras_bn._kernels` (the math) and `keras_bn._fused` (its gradient)."""
+"""Tests for `keras_bn._kernels` (the math) and its custom gradient (`_train`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_bn import _fused, _kernels
+from keras_bn import _kernels, _train
 from tests import harness as h
 
 EPS = 1e-3
@@ -128,7 +128,9 @@ def _fused_vjp(x, gamma, beta, weights, cot, axis, jit):
     """Gradients of `<cot, batch_norm_train(...)>` wrt x, gamma, beta."""
 
     def fn(x, g, b):
-        return _fused.batch_norm_train(x, g, b, weights, axis=axis, epsilon=EPS)
+        return _train.batch_norm_train(
+            x, g, b, weights, axis=axis, epsilon=EPS, fused=False
+        )
 
     return _tuple_vjp(fn, (x, gamma, beta), cot, jit)
 

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
+from keras_bn import backend
+
 
 def check_probe(probe_data, argument: str = "probe_data"):
     """Returns the model inputs of `probe_data` as NumPy arrays.
@@ -124,7 +126,6 @@ class Probe:
             inputs = inputs[0]  # match the structure of a single-array probe
         self._model = model
         self._sub = keras.Model(inputs, list(tensors), name=f"{model.name}_probe")
-        self._backend = keras.backend.backend()
         jit = bool(getattr(model, "jit_compile", True))
         training = bool(training)
 
@@ -136,29 +137,10 @@ class Probe:
                 return outs
             return reduce(list(outs) if isinstance(outs, (list, tuple)) else [outs])
 
-        self._x = x
+        self._x = backend.convert_inputs(x)
         self._variables = None
-        self._index = self._state_index(model) if self._backend == "jax" else None
-        if self._backend == "tensorflow":
-            import tensorflow as tf
-
-            self._x = keras.tree.map_structure(tf.convert_to_tensor, x)
-            self._fn = tf.function(stateless, jit_compile=jit)
-        elif self._backend == "jax":
-            import jax
-
-            self._fn = jax.jit(stateless) if jit else stateless
-        else:
-            self._fn = stateless
-
-    @staticmethod
-    def _state_index(model) -> dict:
-        """Maps `id(variable)` to (state key, index) for the model's variables."""
-        index = {}
-        for key in ("trainable_variables", "non_trainable_variables"):
-            for i, v in enumerate(getattr(model, key)):
-                index[id(v)] = (key, i)
-        return index
+        self._index = backend.variable_index(model)
+        self._fn = backend.compile_function(stateless, jit)
 
     def value(self, variable):
         """The current value of one of the model's variables.
@@ -167,18 +149,7 @@ class Probe:
         variables; if the state does not have the expected layout, it is first
         copied into the variables with `model.jax_state_sync()`.
         """
-        if self._backend != "jax":
-            return variable.value
-        model = self._model
-        state = getattr(model, "_jax_state", None)
-        if state and not getattr(model, "_jax_state_synced", True):
-            key, i = self._index.get(id(variable), (None, None))
-            if key is not None and len(state.get(key) or ()) == len(
-                getattr(model, key)
-            ):
-                return state[key][i]
-            model.jax_state_sync()
-        return variable.value
+        return backend.current_value(self._model, variable, self._index)
 
     def refresh(self) -> None:
         """Re-reads which variables are trainable (call when training starts)."""

@@ -1,0 +1,93 @@
+"""The training step's normalization: the backend's fused op or the kernel.
+
+`batch_norm_train` is the one entry point the layer trains through. It asks
+the backend module (`keras_bn.backend`) for its own fused op first (TensorFlow's
+`FusedBatchNormV3` when the step is not XLA-compiled) and otherwise runs the
+kernel of `keras_bn._kernels` with its analytic backward pass, on a reshaped
+canonical view of the input.
+"""
+
+from __future__ import annotations
+
+import math
+
+from keras import ops
+
+from keras_bn import backend
+
+
+def batch_norm_train(
+    x,
+    scale,
+    offset,
+    weights=None,
+    *,
+    axis: int,
+    epsilon: float,
+    all_reduce=None,
+    count_epsilon: float = 0.0,
+    fused: bool = True,
+):
+    """Normalizes `x` with its own batch statistics.
+
+    Returns `(y, mean, variance)`; `mean` and the biased `variance` are float32
+    vectors of length `x.shape[axis]`. Gradients flow to `x`, `scale` and
+    `offset`; through `mean`/`variance` only on the kernel path (`fused=False`,
+    a mask, or `all_reduce`), which the layer uses wherever they are
+    differentiated (renorm, synchronized).
+    """
+
+    def kernel():
+        return _kernel_train(
+            x, scale, offset, weights, axis, epsilon, all_reduce, count_epsilon
+        )
+
+    if fused and weights is None and all_reduce is None:
+        out = backend.fused_train(
+            x, scale, offset, axis=axis, epsilon=epsilon, fallback=kernel
+        )
+        if out is not None:
+            return out
+    return kernel()
+
+
+def _kernel_train(x, scale, offset, weights, axis, epsilon, all_reduce, count_epsilon):
+    view = canonical_view(x.shape, axis) if weights is None else None
+    shape = None
+    if view is not None:
+        shape = ops.shape(x)
+        x = ops.reshape(x, view)
+        axis = 1
+    y, mean, var = backend.kernel_train(
+        x,
+        scale,
+        offset,
+        weights,
+        axis=axis,
+        epsilon=epsilon,
+        all_reduce=all_reduce,
+        count_epsilon=count_epsilon,
+    )
+    if shape is not None:
+        y = ops.reshape(y, shape)
+    return y, mean, var
+
+
+def canonical_view(shape, axis: int):
+    """The shape `(pre, C)` or `(pre, C, post)` that `x` is reshaped to.
+
+    Collapsing the reduction axes on each side of the channel axis is free (a
+    bitcast) and measured faster under XLA on CPU: the 2-D `(N*H*W, C)`
+    column reduction beat the 4-D reduction over `(0, 1, 2)` by about 2x for
+    (32, 56, 56, 64) float32. Returns None when the shape is already canonical
+    or a collapsed size is unknown when tracing.
+    """
+    rank = len(shape)
+    before, after = shape[:axis], shape[axis + 1 :]
+    if rank <= 2 or (rank == 3 and axis == 1):
+        return None
+    if any(d is None for d in after) or sum(d is None for d in before) > 1:
+        return None
+    pre = -1 if any(d is None for d in before) else math.prod(before)
+    post = math.prod(after)
+    return (pre, shape[axis]) if post == 1 else (pre, shape[axis], post)

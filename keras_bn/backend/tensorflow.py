@@ -1,0 +1,248 @@
+"""TensorFlow: custom gradient, TensorFlow's fused batch-norm op, replicas.
+
+The fused op (`FusedBatchNormV3` and its registered gradient
+`FusedBatchNormGradV3`: oneDNN/Eigen on the CPU, cuDNN on the GPU) is what
+`tf_keras` trains with. keras_bn uses it when the step is *not* compiled by
+XLA: eagerly, and in a plain `tf.function` such as `fit`'s train step with
+`compile(jit_compile=False)` or Keras's default `"auto"` on CPU-only
+machines and under `tf.distribute` strategies. Under XLA
+(`jit_compile=True`) the fused kernel of `keras_bn._kernels` compiles into
+fewer passes, so the op is not used there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+# Private TensorFlow API, used by `tf.function` itself (polymorphic_function's
+# OptionalXlaContext) to know whether a graph is being compiled by XLA.
+from tensorflow.python.framework import ops as tf_ops
+from tensorflow.python.ops import control_flow_util
+
+from keras_bn import _kernels
+
+# The fused op's input dtypes (its statistics are float32 for all of them).
+FUSED_DTYPES = ("float16", "bfloat16", "float32")
+# cuDNN clamps a smaller epsilon (tf.compat.v1.nn.fused_batch_norm does too).
+FUSED_MIN_EPSILON = 1.001e-5
+# The fused op sums in float32 without a shift, so its mean carries a rounding
+# error that grows with |mean| and with the number m of values per channel:
+# 0.2-0.6 times |mean| * 2**-24 * sqrt(m) for means of 4 to 64 standard
+# deviations (TensorFlow 2.21's CPU kernel: bench/results/fused_numerics.md).
+# Where that estimate, in units of the batch standard deviation, exceeds this
+# bound, the batch is recomputed with the shifted kernel instead.
+FUSED_MAX_MEAN_ERROR = 1e-4
+_U = 2.0**-24
+
+# AutoGraph has nothing to convert here (no Python control flow on tensors),
+# and converting these functions inside a user's `tf.function` was seen to
+# call the wrong cached conversion (`kernel_train` ran as a converted
+# `in_xla_context`) after many traces in one process (TensorFlow 2.21).
+_plain_python = tf.autograph.experimental.do_not_convert
+
+
+@_plain_python
+def in_xla_context() -> bool:
+    """True while tracing a graph that XLA will compile (`jit_compile=True`).
+
+    `tf.function(jit_compile=True)` traces inside an `XLAControlFlowContext`
+    (tensorflow/python/eager/polymorphic_function/polymorphic_function.py),
+    and a function traced inside it (Keras's train step, a nested
+    `tf.function`) is compiled with it; `tf_keras`'s BatchNormalization asks
+    the same question (`get_enclosing_xla_context`). False when eager.
+    """
+    if tf.executing_eagerly():
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph())
+
+
+@_plain_python
+def kernel_train(
+    x, scale, offset, weights, *, axis, epsilon, all_reduce, count_epsilon
+):
+    # Without this Identity (no copy), a custom gradient whose input is a tensor
+    # captured by a `tf.cond` branch (the fused path's fallback, inside the
+    # layer's run-time cond for an unknown batch size) fails cond_v2's
+    # gradient (an AssertionError in `_resolve_grad_inputs`, TensorFlow 2.21).
+    x = tf.identity(x)
+
+    @tf.custom_gradient
+    def train(x, scale, offset):
+        y, mean, var, res = _kernels.forward(
+            x,
+            scale,
+            offset,
+            weights,
+            axis=axis,
+            epsilon=epsilon,
+            all_reduce=all_reduce,
+            count_epsilon=count_epsilon,
+        )
+
+        def grad(dy, dmean, dvar):
+            return _kernels.backward(
+                res, dy, dmean, dvar, axis=axis, all_reduce=all_reduce
+            )
+
+        return (y, mean, var), grad
+
+    return train(x, scale, offset)
+
+
+@_plain_python
+def fused_view(shape, axis: int):
+    """`(shape4, data_format)`: how the fused op takes `x`, or None if it can't.
+
+    Channels-last inputs of any rank become `(-1, 1, 1, C)` (NHWC); any other
+    channel axis becomes `(prod(before), C, prod(after), 1)` (NCHW). A rank-4
+    input with axis 3 or 1 goes as it is (`shape4` None: no reshape). Only the
+    batch dimension may be unknown.
+    """
+    rank = len(shape)
+    if rank < 2 or any(d is None for d in shape[1:]):
+        return None
+    channels = shape[axis]
+    if rank == 4 and axis in (1, 3):
+        return None, ("NCHW" if axis == 1 else "NHWC")
+    if axis == rank - 1:
+        return (-1, 1, 1, channels), "NHWC"
+    post = math.prod(shape[axis + 1 :])
+    return (1 if axis == 0 else -1, channels, post, 1), "NCHW"
+
+
+@_plain_python
+def fused_train(x, scale, offset, *, axis, epsilon, fallback):
+    """Trains with `FusedBatchNormV3` unless XLA compiles the step.
+
+    Returns `(y, mean, variance)` with the biased batch variance (the op's
+    Bessel correction undone, as `tf_keras` does), or None where the op does
+    not apply (XLA, dtype, epsilon, shape), so that the caller uses the
+    kernel. A batch whose fused statistics are not finite (an overflow, or
+    NaN/inf in the input) or whose mean is too far from zero for the op's
+    unshifted sums (`FUSED_MAX_MEAN_ERROR`) takes `fallback()` (the kernel)
+    instead, decided per batch by one `tf.cond` on the per-channel statistics.
+    The returned statistics have no gradient (nothing differentiates them on
+    this path: renorm and synchronized training use the kernel).
+    """
+    if in_xla_context() or epsilon < FUSED_MIN_EPSILON:
+        return None
+    if keras.backend.standardize_dtype(x.dtype) not in FUSED_DTYPES:
+        return None
+    view = fused_view(tuple(x.shape), axis)
+    if view is None:
+        return None
+    shape4, data_format = view
+    x = tf.convert_to_tensor(x)
+    # (An Identity, no copy, for the same reason as in `kernel_train`.)
+    x4 = tf.identity(x) if shape4 is None else tf.reshape(x, shape4)
+    count = tf.cast(tf.size(x), tf.float32) / float(x.shape[axis])
+    y4, mean, var, good = _fused_op(x4, scale, offset, count, epsilon, data_format)
+    y = y4 if shape4 is None else tf.reshape(y4, tf.shape(x))
+    # Bessel's correction undone: the biased variance, as Keras uses.
+    var = var * ((count - 1.0) / tf.maximum(count, 1.0))
+    return tf.cond(good, lambda: (y, mean, var), fallback)
+
+
+@_plain_python
+def _fused_op(x, scale, offset, count, epsilon, data_format):
+    """The op with its gradient op; also returns whether its statistics are good.
+
+    The gradient is the registered one's (`FusedBatchNormGradV3`), called here
+    so that a batch that took the fallback, whose `y` then gets a zero
+    cotangent, sees finite statistics in it: its share of `dx` is then exactly
+    zero rather than NaN when the fused statistics overflowed. The cotangents
+    of the statistics are not used (they have none on this path).
+    """
+
+    @tf.custom_gradient
+    def op(x, scale, offset):
+        y, mean, var, r1, r2, r3 = tf.raw_ops.FusedBatchNormV3(
+            x=x,
+            scale=scale,
+            offset=offset,
+            mean=tf.zeros((0,), tf.float32),
+            variance=tf.zeros((0,), tf.float32),
+            epsilon=epsilon,
+            exponential_avg_factor=1.0,
+            data_format=data_format,
+            is_training=True,
+        )
+        good = _good(mean, var, count, epsilon)
+
+        def grad(dy, dmean, dvar):
+            dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy,
+                x=x,
+                scale=scale,
+                reserve_space_1=tf.where(good, r1, tf.zeros_like(r1)),
+                reserve_space_2=tf.where(good, r2, tf.ones_like(r2)),
+                reserve_space_3=r3,
+                epsilon=epsilon,
+                data_format=data_format,
+                is_training=True,
+            )[:3]
+            return dx, dscale, doffset
+
+        return (y, mean, var), grad
+
+    y, mean, var = op(x, scale, offset)
+    mean, var = tf.stop_gradient(mean), tf.stop_gradient(var)
+    return y, mean, var, _good(mean, var, count, epsilon)
+
+
+@_plain_python
+def _good(mean, var, count, epsilon):
+    """Finite statistics, and a mean the op's float32 sums resolve well enough."""
+    bound = FUSED_MAX_MEAN_ERROR / (_U * tf.sqrt(count))
+    return tf.reduce_all(
+        tf.math.is_finite(mean)
+        & tf.math.is_finite(var)
+        & (tf.square(mean) <= tf.square(bound) * (var + epsilon))
+    )
+
+
+@_plain_python
+def is_traced(x) -> bool:
+    return not tf.executing_eagerly()
+
+
+@_plain_python
+def cross_replica_sum():
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return None
+    return lambda v: ctx.all_reduce(tf.distribute.ReduceOp.SUM, v)
+
+
+@_plain_python
+def assert_divisible(x, k: int):
+    check = tf.debugging.assert_equal(
+        tf.shape(x)[0] % k,
+        0,
+        message=f"keras_bn: the batch size is not divisible by virtual_batch_size={k}",
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(x)
+
+
+@_plain_python
+def compile_function(fn, jit: bool):
+    return tf.function(fn, jit_compile=jit)
+
+
+@_plain_python
+def convert_inputs(x):
+    return keras.tree.map_structure(tf.convert_to_tensor, x)
+
+
+@_plain_python
+def variable_index(model):
+    return None
+
+
+@_plain_python
+def current_value(model, variable, index):
+    return variable.value

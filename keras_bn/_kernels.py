@@ -62,8 +62,9 @@ def reduction_axes(rank: int, axis: int) -> list[int]:
 def pilot_shift(x, axes: Sequence[int], weights=None):
     """Per-channel mean of the first slice along the first reduction axis.
 
-    Only unmasked values count (0 where the slice is fully masked), and the
-    mean is summed from `x / n`, so it never overflows.
+    Only unmasked values count (all of them where the slice is fully masked:
+    any value near the data keeps the shifted sums exact), and the mean is
+    summed from `x / n`, so it never overflows.
     """
     index = [slice(None)] * len(x.shape)
     index[axes[0]] = slice(0, 1)
@@ -72,14 +73,15 @@ def pilot_shift(x, axes: Sequence[int], weights=None):
     for i in axes:
         n *= x0.shape[i] if x0.shape[i] is not None else ops.shape(x0)[i]
     n = ops.cast(n, "float32")
+    plain = ops.sum(x0 / n, axis=axes, keepdims=True)
     if weights is None:
-        return ops.sum(x0 / n, axis=axes, keepdims=True)
+        return plain
     w = ops.cast(weights, "float32")
     w0 = w[tuple(index)] if w.shape[axes[0]] != 1 else w
     w0 = ops.broadcast_to(w0, ops.shape(x0))
     part = ops.sum(ops.where(w0 > 0, x0, 0.0) / n, axis=axes, keepdims=True)
     seen = ops.sum(w0, axis=axes, keepdims=True)
-    return part * (n / ops.maximum(seen, 1.0))
+    return ops.where(seen > 0.0, part * (n / ops.maximum(seen, 1.0)), plain)
 
 
 def _sum(v, axes, all_reduce: AllReduce):

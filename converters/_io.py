@@ -1,11 +1,24 @@
-"""Atomic file output: a temporary file in the same folder, then `os.replace`."""
+"""Atomic file output: a temporary file in the same folder, then a rename.
+
+Temporary files are named `.<name>.<pid>.<random>.tmp<suffix>`, hidden, next
+to the output. A writer killed before its rename leaves one behind: the next
+write to that folder removes the stale ones (ours only: that pattern, untouched
+for `STALE_AFTER_S` seconds and whose writer process is gone, or untouched for
+a day).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterator
+
+STALE_AFTER_S = 300.0
+ABANDONED_AFTER_S = 86400.0
+_TEMP = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)\.)?[a-z0-9_]{8}\.tmp(\.\w+)?$")
 
 
 def check_output_path(path, overwrite: bool) -> str:
@@ -32,12 +45,101 @@ def check_output_path(path, overwrite: bool) -> str:
     return path
 
 
+def check_writable(path) -> None:
+    """Raises `PermissionError` (or another `OSError`) if `path`'s folder is not
+    writable, by creating and removing a temporary file there (`os.access`
+    says yes to root on a read-only mount)."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise PermissionError(
+            f"Output folder {folder!r} is not writable ({e.strerror or e})."
+        ) from e
+    os.close(fd)
+    os.remove(probe)
+
+
+def _prefix(path) -> str:
+    return f".{os.path.basename(os.fspath(path))}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder, now: float | None = None) -> list[str]:
+    """Removes our stale temporary files from `folder`; returns their names.
+
+    Only names of our pattern count, and only if untouched for
+    `STALE_AFTER_S` seconds with their writer process gone (or no process id
+    in the name), or untouched for `ABANDONED_AFTER_S` (a process id may have
+    been reused, or belong to another machine sharing the folder).
+    """
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMP.match(name)
+        if match is None:
+            continue
+        full = os.path.join(folder, name)
+        try:
+            stat = os.lstat(full)
+        except OSError:
+            continue
+        if not os.path.isfile(full) or os.path.islink(full):
+            continue
+        age = now - stat.st_mtime
+        pid = match.group("pid")
+        gone = pid is None or not _alive(int(pid))
+        if (age > STALE_AFTER_S and gone) or age > ABANDONED_AFTER_S:
+            with contextlib.suppress(OSError):
+                os.remove(full)
+                removed.append(name)
+    return removed
+
+
+def _publish(tmp: str, path: str, overwrite: bool) -> None:
+    """Moves `tmp` onto `path`; without `overwrite`, atomically refuses to
+    replace a file that appeared meanwhile (a hard link fails if `path`
+    exists; where links are unsupported, a check then a rename)."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(
+            f"Output file {path!r} appeared while writing (another process?); "
+            "nothing was replaced. Pass overwrite=True (--force) to replace it."
+        ) from None
+    except OSError:  # No hard links on this file system.
+        if os.path.exists(path):
+            raise FileExistsError(
+                f"Output file {path!r} appeared while writing; nothing was replaced."
+            ) from None
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path, overwrite: bool = False, suffix: str = "") -> Iterator[str]:
     """Yields a temporary path next to `path`; moves it onto `path` on success.
 
     On an exception the temporary file is removed and `path` is untouched, so
-    an error never leaves a partial output.
+    an error never leaves a partial output. Stale temporary files of earlier,
+    killed writers in that folder are removed first.
 
     Args:
         path: Final output file.
@@ -55,16 +157,13 @@ def atomic_path(path, overwrite: bool = False, suffix: str = "") -> Iterator[str
     """
     path = check_output_path(path, overwrite)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(
-        prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=folder
-    )
+    remove_stale_temporaries(folder)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp" + suffix, dir=folder)
     os.close(fd)
     os.remove(tmp)  # writers such as `model.save` want to create the file
     try:
         yield tmp
-        if not overwrite and os.path.exists(path):
-            raise FileExistsError(f"Output file {path!r} appeared while writing.")
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

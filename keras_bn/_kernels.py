@@ -16,6 +16,15 @@ Numerics:
 * The centred input is formed as `(x - k) - d` with `d = E[x - k]`, never as
   `x - mean`: `x - k` is exact (Sterbenz) for data near `k`, and `d` is small,
   so the output keeps full float32 precision even when `|mean| >> std`.
+* No overflow for any finite input: `(x - k)^2` overflows float32 beyond
+  about 1.8e19. When the sums come out non-finite, the moments are recomputed
+  (`ops.cond`: only that batch pays) on `(x - k) / s` with the per-channel
+  magnitude `s = max|x - k|`, and `1 / sqrt(var + eps)` is formed as
+  `rsqrt(var / s^2 + eps / s^2) / s`. The variance itself is then returned as
+  inf where it exceeds float32 (the layer keeps its moving statistics). Under
+  synchronization (cross-replica sums cannot sit inside a `cond`) there is no
+  recompute. The backward pass works with `xhat = (x - mean) / std`, never with
+  `std^-2`, so it stays finite too.
 """
 
 from __future__ import annotations
@@ -50,11 +59,29 @@ def reduction_axes(rank: int, axis: int) -> list[int]:
     return [i for i in range(rank) if i != axis]
 
 
-def pilot_shift(x, axes: Sequence[int]):
-    """Per-channel mean of the first slice along the first reduction axis."""
+def pilot_shift(x, axes: Sequence[int], weights=None):
+    """Per-channel mean of the first slice along the first reduction axis.
+
+    Only unmasked values count (all of them where the slice is fully masked:
+    any value near the data keeps the shifted sums exact), and the mean is
+    summed from `x / n`, so it never overflows.
+    """
     index = [slice(None)] * len(x.shape)
     index[axes[0]] = slice(0, 1)
-    return ops.mean(x[tuple(index)], axis=axes, keepdims=True)
+    x0 = x[tuple(index)]
+    n = 1
+    for i in axes:
+        n *= x0.shape[i] if x0.shape[i] is not None else ops.shape(x0)[i]
+    n = ops.cast(n, "float32")
+    plain = ops.sum(x0 / n, axis=axes, keepdims=True)
+    if weights is None:
+        return plain
+    w = ops.cast(weights, "float32")
+    w0 = w[tuple(index)] if w.shape[axes[0]] != 1 else w
+    w0 = ops.broadcast_to(w0, ops.shape(x0))
+    part = ops.sum(ops.where(w0 > 0, x0, 0.0) / n, axis=axes, keepdims=True)
+    seen = ops.sum(w0, axis=axes, keepdims=True)
+    return ops.where(seen > 0.0, part * (n / ops.maximum(seen, 1.0)), plain)
 
 
 def _sum(v, axes, all_reduce: AllReduce):
@@ -83,7 +110,7 @@ def forward(
     rank = len(x.shape)
     axes = reduction_axes(rank, axis)
     xf = ops.cast(x, "float32")
-    k = ops.stop_gradient(pilot_shift(xf, axes))
+    k = ops.stop_gradient(pilot_shift(xf, axes, weights))
     if all_reduce is not None:
         # One shift for every replica, or the partial sums would not combine.
         # A replica with no examples (a last batch smaller than the number of
@@ -106,9 +133,17 @@ def forward(
         wxs = w * xs
         s1 = _sum(wxs, axes, all_reduce)
         s2 = _sum(wxs * xs, axes, all_reduce)
-    delta = s1 / count
-    var = ops.maximum(s2 / count - ops.square(delta), 0.0)
-    inv_std = ops.rsqrt(var + epsilon)
+    if all_reduce is None:
+        finite = ops.all(ops.logical_and(ops.isfinite(s1), ops.isfinite(s2)))
+        delta, var, inv_std = ops.cond(
+            finite,
+            lambda: _moments(s1, s2, count, epsilon),
+            # Captures the input, not `xs`: a captured `xs` would have to be
+            # written to memory even when this branch does not run.
+            lambda: _rescaled_moments(x, k, weights, axes, count, epsilon),
+        )
+    else:
+        delta, var, inv_std = _moments(s1, s2, count, epsilon)
     scale = ops.reshape(scale, ops.shape(k))
     offset = ops.reshape(offset, ops.shape(k))
     a = scale * inv_std
@@ -116,6 +151,27 @@ def forward(
     mean = ops.reshape(k + delta, (-1,))
     res = Residuals(x, weights, k, delta, inv_std, a, count)
     return ops.cast(y, x.dtype), mean, ops.reshape(var, (-1,)), res
+
+
+def _moments(s1, s2, count, epsilon):
+    """`(E[x - k], var, 1 / sqrt(var + eps))` from the shifted sums."""
+    delta = s1 / count
+    var = ops.maximum(s2 / count - ops.square(delta), 0.0)
+    return delta, var, ops.rsqrt(var + epsilon)
+
+
+def _rescaled_moments(x, k, weights, axes, count, epsilon):
+    """`_moments` for inputs whose squares overflow: sums of `(x - k) / s`."""
+    xs = ops.cast(x, "float32") - k
+    mag = ops.abs(xs) if weights is None else ops.abs(ops.cast(weights, "float32") * xs)
+    s = ops.max(mag, axis=axes, keepdims=True)
+    s = ops.where(ops.logical_and(s > 0.0, ops.isfinite(s)), s, 1.0)
+    xn = xs / s
+    wxn = xn if weights is None else ops.cast(weights, "float32") * xn
+    dn = ops.sum(wxn, axis=axes, keepdims=True) / count
+    vn = ops.maximum(ops.sum(wxn * xn, axis=axes, keepdims=True) / count - dn**2, 0.0)
+    inv_std = ops.rsqrt(vn + (epsilon / s) / s) / s
+    return dn * s, vn * s * s, inv_std  # vn * s * s may be inf: not representable
 
 
 def backward(res: Residuals, dy, dmean, dvar, *, axis: int, all_reduce=None):
@@ -129,25 +185,29 @@ def backward(res: Residuals, dy, dmean, dvar, *, axis: int, all_reduce=None):
         dscale = sum(dy * xhat),  doffset = sum(dy)
 
     `dmean`/`dvar` are the cotangents of the returned statistics (zero, or
-    None, unless something differentiable consumes them).
+    None, unless something differentiable consumes them). Everything is
+    formed from `xhat` (bounded), so huge inputs do not overflow.
     """
     rank = len(res.x.shape)
     axes = reduction_axes(rank, axis)
-    xc = (ops.cast(res.x, "float32") - res.shift) - res.delta
+    xhat = ((ops.cast(res.x, "float32") - res.shift) - res.delta) * res.inv_std
     g = ops.cast(dy, "float32")
     g1 = _sum(g, axes, all_reduce)  # sum(dy)
-    g2 = _sum(g * xc, axes, all_reduce)  # sum(dy * (x - mean))
-    dscale = g2 * res.inv_std
-    c0 = -res.a * g1 / res.count
-    c1 = -res.a * ops.square(res.inv_std) * g2 / res.count
-    if dmean is not None:
-        c0 = c0 + ops.reshape(dmean, ops.shape(c0)) / res.count
-    if dvar is not None:
-        c1 = c1 + 2.0 * ops.reshape(dvar, ops.shape(c1)) / res.count
-    corr = c0 + c1 * xc
-    if res.weights is not None:
-        corr = ops.cast(res.weights, "float32") * corr
-    dx = res.a * g + corr
+    dscale = _sum(g * xhat, axes, all_reduce)  # sum(dy * xhat)
+    # `a` multiplies O(1) terms last: with huge inputs `a` is tiny, and
+    # `a * sum(dy) / W` alone could fall below float32's normal range.
+    c0 = -g1 / res.count
+    c1 = -dscale / res.count
+    # Masked positions (w = 0) may hold huge values: weigh xhat before use.
+    w = 1.0 if res.weights is None else ops.cast(res.weights, "float32")
+    wxhat = xhat if res.weights is None else w * xhat
+    dx = res.a * (g + (c0 * w + c1 * wxhat))
+    if dmean is not None or dvar is not None:
+        e0 = 0.0 if dmean is None else ops.reshape(dmean, ops.shape(c0)) / res.count
+        e1 = 0.0  # 2 dvar (x - mean) / W = 2 dvar std / W * xhat
+        if dvar is not None:
+            e1 = 2.0 * ops.reshape(dvar, ops.shape(c1)) / res.inv_std / res.count
+        dx = dx + (e0 * w + e1 * wxhat)
     return (
         ops.cast(dx, res.x.dtype),
         ops.reshape(dscale, (-1,)),

@@ -119,6 +119,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
       (`model.fit(..., run_eagerly=True)` calls the layer eagerly, so there
       such a last batch raises: drop it with `drop_remainder=True` or pick a
       batch size that divides the data set.)
+    * A channel with fewer than two unmasked values in the batch (in each
+      ghost batch with `virtual_batch_size`: those are left out of the
+      average; in the global batch with `synchronized=True`) keeps its moving
+      statistics: a fully masked batch, or one with a single unmasked value,
+      has no variance to learn from. An eager training call on an empty batch
+      (size 0) raises a `ValueError`.
     * A channel whose batch mean or variance is not finite (NaN or inf in the
       input) keeps its previous moving statistics, so one bad batch cannot
       poison inference; the output for that channel is non-finite, as the math
@@ -348,6 +354,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
                     ops.convert_to_tensor(self.moving_variance),
                 ),
             )
+        if weights is not None:  # A channel needs two unmasked values to update.
+            ok = _both(ok, self._count(inputs, weights, {}) > 1.0)
         self._update_moving_statistics(mean, var, ok)
         return ops.cast(y, self.compute_dtype)
 
@@ -403,13 +411,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
         tf.distribute refuses cross-replica reductions inside `tf.cond`, and
         what matters is the global batch: a replica may hold a single example
-        (or, in a last partial batch, none). The moving statistics are left
-        unchanged when the global batch has at most one value per channel.
+        (or, in a last partial batch, none). A channel's moving statistics are
+        left unchanged when the global batch has at most one (unmasked) value
+        in it.
         """
         y, mean, var = self._train(inputs, gamma, beta, weights)
-        size = ops.cast(ops.size(inputs), "float32") / inputs.shape[self._channel_axis]
-        total = self._all_reduce()(ops.reshape(size, (1,)))
-        self._update_moving_statistics(mean, var, ops.greater(total[0], 1.0))
+        kw = {"all_reduce": self._all_reduce()}
+        total = self._count(inputs, weights, kw)  # over the global batch
+        self._update_moving_statistics(mean, var, ops.greater(total, 1.0))
         return ops.cast(y, self.compute_dtype)
 
     def _train_ghost(self, inputs, gamma, beta, weights):
@@ -439,8 +448,22 @@ class BatchNormalization(keras.layers.BatchNormalization):
         )
         var = self._unbias(var, x, weights, kw)
         y = _ghost.unfold(y, inputs, self._channel_axis, k)
-        mean = _ghost.group_average(mean, channels)
-        return y, mean, _ghost.group_average(var, channels)
+        if weights is None:
+            mean = _ghost.group_average(mean, channels)
+            return y, mean, _ghost.group_average(var, channels)
+        # Average over the ghost batches with two values or more in a channel
+        # (NaN, so not updated, where there is none: see
+        # `_update_moving_statistics`).
+        valid = ops.cast(self._count(x, weights, kw) > 1.0, "float32")
+        groups_ok = _ghost.group_average(valid, channels)
+        mean = _ghost.group_average(ops.where(valid > 0, mean, 0.0), channels)
+        var = _ghost.group_average(ops.where(valid > 0, var, 0.0), channels)
+        none = groups_ok <= 0.0
+        return (
+            y,
+            ops.where(none, float("nan"), mean / ops.maximum(groups_ok, 1e-30)),
+            ops.where(none, float("nan"), var / ops.maximum(groups_ok, 1e-30)),
+        )
 
     def _check_ghost_batch(self, inputs):
         k, batch = self.virtual_batch_size, inputs.shape[0]
@@ -466,17 +489,36 @@ class BatchNormalization(keras.layers.BatchNormalization):
         """
         if not self.unbiased_variance:
             return var
-        axes = _kernels.reduction_axes(len(x.shape), kw["axis"])
-        if weights is None:
-            count = ops.cast(ops.size(x), "float32") / x.shape[kw["axis"]]
-            count = ops.ones_like(var) * count
-        else:
-            w = ops.broadcast_to(ops.cast(weights, "float32"), ops.shape(x))
-            count = ops.reshape(ops.sum(w, axis=axes), (-1,))
-        if kw.get("all_reduce") is not None:
-            count = ops.reshape(kw["all_reduce"](ops.reshape(count, (1, -1))), (-1,))
+        count = self._count(x, weights, kw)
         safe = ops.maximum(count - 1.0, 1.0)
         return ops.where(count > 1.0, var * count / safe, float("nan"))
+
+    def _count(self, x, weights, kw):
+        """Values per channel (unmasked ones), `(C,)` float32, over all replicas.
+
+        `kw` holds the kernel's `axis` (default: the layer's) and `all_reduce`.
+        A mask of shape `x.shape[:-1] + (1,)` is summed before broadcasting, so
+        this costs a reduction over the mask, not over `x`.
+        """
+        axis = kw.get("axis", self._channel_axis)
+        rank = len(x.shape)
+        if weights is None:
+            channels = x.shape[axis]
+            count = ops.cast(ops.size(x), "float32") / channels
+            count = ops.ones((channels,), "float32") * count
+        else:
+            w = ops.cast(weights, "float32")
+            axes = _kernels.reduction_axes(rank, axis)
+            count = ops.sum(w, axis=axes, keepdims=True)
+            shape = ops.shape(x)
+            for i in axes:  # Axes along which `w` broadcasts count each value.
+                if w.shape[i] == 1 and x.shape[i] != 1:
+                    count = count * ops.cast(shape[i], "float32")
+            full = _kernels.broadcast_shape(rank, axis, shape[axis])
+            count = ops.reshape(ops.broadcast_to(count, full), (-1,))
+        if kw.get("all_reduce") is not None:
+            count = ops.reshape(kw["all_reduce"](ops.reshape(count, (1, -1))), (-1,))
+        return count
 
     def _enough_values(self, inputs):
         """True, False (one value per channel, traced) or a run-time predicate."""
@@ -484,6 +526,13 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if all(d is not None for d in dims):
             if math.prod(dims) > 1:
                 return True
+            if math.prod(dims) == 0 and not _backend.is_traced(inputs):
+                raise ValueError(
+                    f"Layer '{self.name}' got an empty training batch (input shape "
+                    f"{tuple(inputs.shape)}: 0 values per channel), which has no "
+                    "statistics. Skip empty batches, or call it with "
+                    "training=False."
+                )
             if not _backend.is_traced(inputs):
                 raise ValueError(
                     f"Layer '{self.name}' got a training batch with a single value "
@@ -546,3 +595,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             "virtual_batch_size": self.virtual_batch_size,
             "unbiased_variance": self.unbiased_variance,
         }
+
+
+def _both(ok, predicate):
+    """`ok` (True or a boolean tensor) and a per-channel `predicate`."""
+    return predicate if ok is True else ops.logical_and(ok, predicate)

@@ -8,6 +8,7 @@ the paper prescribes for inference (Ioffe & Szegedy 2015, Algorithm 2).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -32,6 +33,8 @@ class LayerRecalibration:
         mean_gap: `max |old_mean - mean| / sqrt(variance + epsilon)` over the
             channels (the error of the old mean, in standard deviations).
         variance_gap: `max |old_variance - variance| / (variance + epsilon)`.
+        skipped: Batches left out of this layer's statistics because its input
+            held NaN or inf there (`skip_nonfinite=True`).
     """
 
     name: str
@@ -42,13 +45,21 @@ class LayerRecalibration:
     variance: np.ndarray
     mean_gap: float
     variance_gap: float
+    skipped: int = 0
 
 
 @dataclasses.dataclass
 class RecalibrationReport:
-    """What `recalibrate` returns: one `LayerRecalibration` per BN layer."""
+    """What `recalibrate` returns: one `LayerRecalibration` per BN layer.
+
+    Attributes:
+        layers: One `LayerRecalibration` per recalibrated layer, in call order.
+        skipped_batches: Indices (in `data`, from 0) of the batches left out
+            because a BN layer's input held NaN or inf (`skip_nonfinite=True`).
+    """
 
     layers: list
+    skipped_batches: list = dataclasses.field(default_factory=list)
 
     @property
     def max_gap(self) -> float:
@@ -62,6 +73,11 @@ class RecalibrationReport:
                 f"{r.name:<40} {r.count:>10.0f} {r.mean_gap:>10.3g} "
                 f"{r.variance_gap:>10.3g}"
             )
+        if self.skipped_batches:
+            rows.append(
+                f"skipped {len(self.skipped_batches)} batch(es) with non-finite "
+                f"values: {self.skipped_batches}"
+            )
         return "\n".join(rows)
 
 
@@ -72,12 +88,14 @@ class _Moments:
         self.n = self.mean = self.m2 = None
 
     def add(self, x: np.ndarray, w: np.ndarray | None) -> None:
+        """Merges a batch `(values, channels)` with 0/1 weights (or None)."""
         x = x.astype(np.float64)
         if w is None:
             n_b = np.full(x.shape[1], float(x.shape[0]))
             mean_b = x.mean(axis=0) if x.shape[0] else np.zeros(x.shape[1])
             m2_b = np.square(x - mean_b).sum(axis=0)
         else:
+            x = np.where(w > 0, x, 0.0)  # A masked NaN must not leak in.
             n_b = w.sum(axis=0)
             mean_b = (w * x).sum(axis=0) / np.maximum(n_b, 1e-300)
             m2_b = (w * np.square(x - mean_b)).sum(axis=0)
@@ -99,6 +117,7 @@ def recalibrate(
     *,
     batch_size: int = 32,
     unbiased: bool | None = None,
+    skip_nonfinite: bool = False,
     verbose: int = 1,
 ) -> RecalibrationReport:
     """Sets every BN layer's moving statistics to their exact values over `data`.
@@ -107,10 +126,18 @@ def recalibrate(
     sees when the model runs in inference mode, with the BN layers before it
     (in call order) already recalibrated — the statistics that deployment uses.
     As each layer's input depends on the earlier layers' new statistics, the
-    layers are recalibrated one after the other, one pass over `data` each (a
-    pass stops at the layer being recalibrated when that layer is called once
-    per forward pass). Per-batch moments are merged in float64 on the host with
-    Chan et al.'s parallel rule on `(count, mean, M2)`, so nothing cancels.
+    statistics are computed one layer after the other, one pass over `data`
+    each (a pass stops at the layer being computed when that layer is called
+    once per forward pass); in pass `i` the layers before layer `i` run with
+    their new statistics through a `keras.StatelessScope`, so no variable
+    changes. Per-batch moments are merged in float64 on the host with Chan et
+    al.'s parallel rule on `(count, mean, M2)`, so nothing cancels.
+
+    All or nothing: the new statistics are assigned to every layer at the end,
+    after the last pass. If anything raises before (the data's own errors,
+    such as an `OSError` from a `PyDataset`, are passed through unchanged; a
+    batch of the wrong shape; non-finite values), every variable of the model
+    keeps its value bit for bit.
     (PyTorch's `update_bn` instead runs the model in training mode with a
     cumulative average of the batch statistics: earlier layers then normalize
     with batch statistics, not with the population statistics used later.)
@@ -137,11 +164,21 @@ def recalibrate(
         unbiased: If True, store the unbiased variance `M2 / (n - 1)`, if
             False the biased `M2 / n`. The default (None) follows each layer's
             `unbiased_variance` option (False for Keras's layer).
+        skip_nonfinite: What to do with a batch where a BN layer's input holds
+            NaN or inf (at an unmasked position): False (default) raises a
+            `ValueError` naming the layer and the batch; True leaves that batch
+            out of that layer's statistics and of every later layer's, and
+            lists it in `RecalibrationReport.skipped_batches`.
         verbose: 1 shows a `keras.utils.Progbar`, 0 is silent.
 
     Returns:
         A `RecalibrationReport`: per layer, the old and new statistics and the
-        largest gaps between them (`print(report)` shows a table).
+        largest gaps between them (`print(report)` shows a table), and the
+        batches skipped.
+
+    Raises:
+        ValueError: If a BN layer's input holds NaN or inf (unless
+            `skip_nonfinite=True`), or leaves a layer no values at all.
 
     Example:
 
@@ -163,6 +200,11 @@ def recalibrate(
         raise TypeError(
             f"Argument `unbiased` must be True, False or None. Received: {unbiased!r}"
         )
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(
+            "Argument `skip_nonfinite` must be True or False. Received: "
+            f"skip_nonfinite={skip_nonfinite!r}"
+        )
     batches = _Batches(data, steps, batch_size)
     order = _call_order(model, bns, batches.first())
     missing = [layer.name for layer in bns if id(layer) not in order.calls]
@@ -177,22 +219,46 @@ def recalibrate(
     if verbose:
         total = None if batches.length is None else batches.length * len(order.layers)
         progbar = keras.utils.Progbar(total, unit_name="batch")
-    report = []
-    done = 0
+    # Phase 1: compute every layer's statistics; no variable is written.
+    new = {}  # id(layer) -> [(variable, value)], for the layers done so far
+    results, skipped, done = [], set(), 0
     for layer in order.layers:
         moments = _Moments()
-        stop = order.calls[id(layer)] == 1
-        with _Hook(layer, moments, stop):
-            for x in batches:
-                try:
-                    model(x, training=False)
-                except _Stop:
-                    pass
+        hook = _Hook(layer, moments, stop=order.calls[id(layer)] == 1)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(hook)
+            for earlier in order.layers[: len(results)]:
+                stack.enter_context(_Substitute(earlier, new[id(earlier)]))
+            for index, x in enumerate(batches):
+                if index not in skipped:
+                    hook.start()
+                    try:
+                        model(x, training=False)
+                    except _Stop:
+                        pass
+                    hook.commit()
+                    if hook.nonfinite is not None and not skip_nonfinite:
+                        raise ValueError(
+                            f"keras_bn.recalibrate: batch {index} of `data` gives "
+                            f"BN layer '{order.names[id(layer)]}' NaN or inf input "
+                            f"values (channels {hook.nonfinite}). Clean the data, "
+                            "or pass skip_nonfinite=True to leave such batches out."
+                        )
+                    if hook.nonfinite is not None:
+                        skipped.add(index)
+                        hook.skipped += 1
                 done += 1
                 if progbar is not None:
                     progbar.update(done)
-        report.append(_assign(layer, moments, unbiased, order.names[id(layer)]))
-    return RecalibrationReport(report)
+        result = _statistics(layer, moments, unbiased, order.names[id(layer)])
+        result.skipped = hook.skipped
+        results.append(result)
+        new[id(layer)] = _new_values(layer, result)
+    # Phase 2: assign them all (casts were done in phase 1: nothing can fail).
+    for layer in order.layers:
+        for variable, value in new[id(layer)]:
+            variable.assign(value)
+    return RecalibrationReport(results, sorted(skipped))
 
 
 def _bn_layers(model) -> list:
@@ -356,10 +422,18 @@ class _Patch:
 
 
 class _Hook(_Patch):
-    """Accumulates the moments of `layer`'s input over the forward passes."""
+    """Accumulates the moments of `layer`'s input over the forward passes.
+
+    A batch's moments are merged (`commit`) only after its whole forward pass
+    saw finite values at this layer (a layer called several times per pass
+    buffers them), so a skipped batch leaves no trace. `nonfinite` lists the
+    channels holding NaN or inf in the current batch, if any.
+    """
 
     def __init__(self, layer, moments: _Moments, stop: bool):
         original = layer.call
+        self.moments, self.nonfinite, self.skipped = moments, None, 0
+        self._pending = []
 
         def hooked(inputs, *args, mask=None, **kwargs):
             x = np.asarray(keras.ops.convert_to_numpy(inputs))
@@ -370,15 +444,68 @@ class _Hook(_Patch):
                 m = np.asarray(keras.ops.convert_to_numpy(mask), np.float64)
                 m = np.broadcast_to(m[..., None], x.shape)
                 w = np.moveaxis(m, axis, -1).reshape(-1, x.shape[axis])
-            moments.add(flat, w)
+            bad = ~np.isfinite(flat)
+            if w is not None:
+                bad &= w > 0
+            if bad.any():
+                self.nonfinite = np.flatnonzero(bad.any(axis=0)).tolist()
+                raise _Stop
+            self._pending.append((flat, w))
             if stop:
                 raise _Stop
             return original(inputs, *args, mask=mask, **kwargs)
 
         super().__init__(layer, hooked)
 
+    def start(self) -> None:
+        """Before each forward pass."""
+        self.nonfinite, self._pending = None, []
 
-def _assign(layer, moments: _Moments, unbiased, name) -> LayerRecalibration:
+    def commit(self) -> None:
+        """After a forward pass that raised nothing but `_Stop`."""
+        if self.nonfinite is None:
+            for flat, w in self._pending:
+                self.moments.add(flat, w)
+        self._pending = []
+
+
+class _Substitute(_Patch):
+    """Runs `layer` with the given variable values, without assigning them."""
+
+    def __init__(self, layer, values: list):
+        original = layer.call
+
+        def substituted(*args, **kwargs):
+            with keras.StatelessScope(state_mapping=values):
+                return original(*args, **kwargs)
+
+        super().__init__(layer, substituted)
+
+
+def _new_values(layer, result: LayerRecalibration) -> list:
+    """`(variable, value)` pairs to assign, each value in its variable's dtype."""
+    values = [
+        (layer.moving_mean, result.mean),
+        (layer.moving_variance, result.variance),
+    ]
+    if getattr(layer, "renorm", False):
+        values.append((layer.moving_stddev, np.sqrt(result.variance + layer.epsilon)))
+    out = []
+    for variable, value in values:
+        with np.errstate(over="ignore"):
+            cast = value.astype(variable.dtype)
+        if not np.isfinite(cast).all():
+            raise ValueError(
+                f"keras_bn.recalibrate: the statistics of BN layer '{result.name}' "
+                f"over `data` do not fit in {variable.dtype} (largest mean "
+                f"{np.abs(result.mean).max():.3g}, variance "
+                f"{result.variance.max():.3g}); rescale the data."
+            )
+        out.append((variable, keras.ops.convert_to_tensor(cast)))
+    return out
+
+
+def _statistics(layer, moments: _Moments, unbiased, name) -> LayerRecalibration:
     if moments.n is None or not np.all(moments.n > 0):
         raise ValueError(
             f"Argument `data` gave layer '{layer.name}' no values to compute "
@@ -396,11 +523,6 @@ def _assign(layer, moments: _Moments, unbiased, name) -> LayerRecalibration:
     mean = moments.mean
     old_mean = np.asarray(keras.ops.convert_to_numpy(layer.moving_mean), np.float64)
     old_var = np.asarray(keras.ops.convert_to_numpy(layer.moving_variance), np.float64)
-    layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
-    layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
-    if getattr(layer, "renorm", False):
-        stddev = np.sqrt(variance + layer.epsilon)
-        layer.moving_stddev.assign(stddev.astype(layer.moving_stddev.dtype))
     std = np.sqrt(variance + layer.epsilon)
     return LayerRecalibration(
         name=name,

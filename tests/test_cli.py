@@ -18,7 +18,7 @@ TF_ONLY = pytest.mark.skipif(
 )
 
 
-def run_cli(*args, backend=None):
+def run_cli(*args, backend=None, cwd=ROOT):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env["KERAS_BACKEND"] = backend or keras.backend.backend()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -28,7 +28,7 @@ def run_cli(*args, backend=None):
         text=True,
         timeout=300,
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
     )
 
 
@@ -122,3 +122,171 @@ def test_error_paths(model_file, tmp_path):
 def test_export_on_other_backend_is_usage_error(model_file, tmp_path):
     proc = run_cli("export", model_file, "-o", tmp_path / "m.onnx", backend="jax")
     assert_one_line_error(proc, 2, "KERAS_BACKEND=tensorflow")
+
+
+# -- The exit-status contract, in process (fast) ----------------------------------
+
+
+def call_main(capsys, *args):
+    from converters import cli
+
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_contract(result, code, match):
+    got, _, err = result
+    assert got == code, err
+    assert "Traceback" not in err, err
+    ours = [ln for ln in err.splitlines() if ln.startswith("keras-bn:")]
+    assert len(ours) == 1 and match in ours[0], err
+
+
+def test_output_problems_are_usage_errors(model_file, tmp_path, capsys):
+    (tmp_path / "dir.keras").mkdir()
+    cases = [
+        (tmp_path / "dir.keras", "is a directory"),
+        (tmp_path / "missing" / "f.keras", "does not exist"),
+    ]
+    if os.path.isdir("/proc/self"):  # not writable, even by root
+        cases.append(("/proc/f.keras", "is not writable"))
+    for out, match in cases:
+        for force in ([], ["--force"]):
+            result = call_main(capsys, "fold", model_file, "-o", out, *force)
+            assert_contract(result, 2, match)
+    assert os.listdir(tmp_path) == ["dir.keras"]
+
+
+def test_unwritable_folder_checked_before_converting(model_file, tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root writes to read-only folders (the /proc case covers it)")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        result = call_main(capsys, "fold", model_file, "-o", folder / "f.keras")
+    finally:
+        folder.chmod(0o700)
+    assert_contract(result, 2, "is not writable")
+
+
+def test_losing_the_race_is_a_usage_error(model_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "f.keras"
+    save = keras.Model.save
+
+    def racing_save(self, path, *args, **kwargs):
+        save(self, path, *args, **kwargs)
+        out.write_bytes(b"the other writer's file")
+
+    monkeypatch.setattr(keras.Model, "save", racing_save)
+    result = call_main(capsys, "fold", model_file, "-o", out)
+    assert_contract(result, 2, "appeared while writing")
+    assert out.read_bytes() == b"the other writer's file"
+    assert os.listdir(tmp_path) == ["f.keras"]
+
+
+def test_internal_error_exits_3_with_debug_hint(model_file, tmp_path, capsys, mp):
+    import converters.fold_keras
+
+    def broken(model):
+        raise RuntimeError("a bug\nspanning lines")
+
+    mp.setattr(converters.fold_keras, "fold_batchnorm", broken)
+    args = ("fold", model_file, "-o", tmp_path / "f.keras")
+    result = call_main(capsys, *args)
+    assert_contract(result, 3, "internal error: RuntimeError: a bug spanning lines")
+    assert "rerun with --debug" in result[2]
+    code, _, err = call_main(capsys, "--debug", *args)
+    assert code == 3 and "Traceback" in err and "raise RuntimeError" in err
+    code, _, err = call_main(capsys, *args, "--debug")  # after the command too
+    assert code == 3 and "Traceback" in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture
+def mp(monkeypatch):
+    return monkeypatch
+
+
+def _zip_with(path, members):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def test_zip_bomb_refused_before_reading(tmp_path, capsys, monkeypatch):
+    from converters import cli
+
+    bomb = tmp_path / "bomb.keras"
+    _zip_with(bomb, {"config.json": b"{}", "model.weights.h5": bytes(3 * 2**20)})
+    size = os.path.getsize(bomb)
+    assert size < 2**16  # 3 MiB of zeros compress to a few KiB
+    for command in (["inspect", bomb], ["fold", bomb, "-o", tmp_path / "o.keras"]):
+        result = call_main(capsys, *command, "--max-uncompressed", 2**20)
+        assert_contract(result, 2, "would expand to 3145730 bytes")
+    monkeypatch.setenv(cli.ENV_MAX_UNCOMPRESSED, str(2**20))
+    assert_contract(call_main(capsys, "inspect", bomb), 2, cli.ENV_MAX_UNCOMPRESSED)
+    monkeypatch.setenv(cli.ENV_MAX_UNCOMPRESSED, "lots")
+    assert_contract(call_main(capsys, "inspect", bomb), 2, "number of bytes")
+    monkeypatch.delenv(cli.ENV_MAX_UNCOMPRESSED)
+    monkeypatch.setattr(cli, "FLOOR_BYTES", 2**20)  # default: 4x size + floor
+    assert_contract(call_main(capsys, "inspect", bomb), 2, "4x file size")
+    assert os.listdir(tmp_path) == ["bomb.keras"]
+
+
+def test_zip_headers_that_lie_are_caught_while_reading(model_file, tmp_path, capsys):
+    """Sizes patched small in both headers: reading stops there, the CRC fails."""
+    import struct
+    import zipfile
+
+    data = bytearray(model_file.read_bytes())
+    with zipfile.ZipFile(model_file) as z:
+        info = z.getinfo("config.json")
+    for sig, offset in ((b"PK\x01\x02", 24), (b"PK\x03\x04", 22)):
+        start = 0
+        while (start := data.find(sig, start)) >= 0:
+            name_len = struct.unpack_from("<H", data, start + offset + 4)[0]
+            skip = 46 if sig == b"PK\x01\x02" else 30
+            if bytes(data[start + skip : start + skip + name_len]) == b"config.json":
+                struct.pack_into("<I", data, start + offset, 10)
+            start += 4
+    liar = tmp_path / "liar.keras"
+    liar.write_bytes(bytes(data))
+    with zipfile.ZipFile(liar) as z:
+        assert z.getinfo("config.json").file_size == 10 < info.file_size
+    assert_contract(call_main(capsys, "inspect", liar), 2, "cannot load")
+
+
+def test_custom_objects_module(tmp_path, capsys):
+    import importlib
+    import sys
+    import uuid
+
+    name = f"scale_layers_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "import keras\n\n\n"
+        f"@keras.saving.register_keras_serializable(package={name!r})\n"
+        "class Scale2(keras.layers.Layer):\n"
+        "    def call(self, x):\n"
+        "        return 2.0 * x\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module(name)
+    finally:
+        sys.path.remove(str(tmp_path))
+    model = keras.Sequential([keras.Input((3,)), module.Scale2(), L.Dense(2)])
+    path = tmp_path / "custom.keras"
+    model.save(path)
+    # A fresh process, where nothing registered Scale2.
+    proc = run_cli("inspect", path)
+    assert_one_line_error(proc, 2, "Could not locate class 'Scale2'")
+    assert "--custom-objects" in proc.stderr
+    proc = run_cli("--custom-objects", name, "inspect", path, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 BatchNormalization layer(s)" in proc.stdout
+    result = call_main(capsys, "--custom-objects", "no_such_mod_xyz", "inspect", path)
+    assert_contract(result, 2, "cannot import --custom-objects module 'no_such_mod")

@@ -260,4 +260,59 @@ def test_helpers():
     assert _kernels.broadcast_shape(4, 1, 7) == [1, 7, 1, 1]
     x = np.arange(24, dtype="float32").reshape(2, 3, 4)
     k = h.to_numpy(_kernels.pilot_shift(ops.convert_to_tensor(x), [0, 1]))
-    np.testing.assert_array_equal(k, x[:1].mean(axis=(0, 1), keepdims=True))
+    np.testing.assert_allclose(k, x[:1].mean(axis=(0, 1), keepdims=True), rtol=1e-6)
+    w = np.ones((2, 3, 1), "float32")
+    w[0, 0] = 0.0  # the pilot skips masked values, unless all are masked
+    k = _kernels.pilot_shift(ops.convert_to_tensor(x), [0, 1], w)
+    np.testing.assert_allclose(h.to_numpy(k), x[:1, 1:].mean((0, 1), keepdims=True))
+    k = _kernels.pilot_shift(ops.convert_to_tensor(x), [0, 1], 0 * w)
+    np.testing.assert_allclose(h.to_numpy(k), x[:1].mean((0, 1), keepdims=True))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(
+    "loc,scale",
+    [(0, 1e18), (0, 1e19), (3e19, 1e19), (0, 1e30), (-2e30, 1e30), (0, 1e36)],
+)
+def test_extreme_magnitudes(rng, loc, scale, masked, jit):
+    """Squares of these overflow float32: y and the gradients stay exact.
+
+    Tolerances as elsewhere (float64 reference, `rtol=1e-5`, floor
+    `1e-6 * max|ref|`, for dx at least float32's smallest normal number); the
+    variance is inf where it exceeds float32's range.
+    """
+    shape, axis = (16, 3, 4), 2
+    x = rng.normal(size=shape) * scale + loc
+    x = x.astype("float32")
+    dy = rng.normal(size=shape).astype("float32")
+    gamma, beta = h.random_affine(rng, 4)
+    mask = None
+    if masked:
+        mask = rng.random(shape[:-1]) > 0.3
+        x[~mask] = np.float32(3e38)  # masked: must not matter
+    w = _weights(mask)
+
+    def fn(x, g, b):
+        return _fused.batch_norm_train(x, g, b, w, axis=axis, epsilon=EPS)
+
+    (y, mean, var), grads = _tuple_vjp(
+        fn, (x, gamma, beta), (dy, np.zeros(4, "float32"), np.zeros(4, "float32")), jit
+    )
+    y_ref, mean_ref, var_ref = h.ref_forward(x, gamma, beta, axis, EPS, mask)
+    h.assert_close(y, y_ref, what="y")
+    h.assert_close(mean, mean_ref, what="mean")
+    big = var_ref > np.finfo(np.float32).max
+    v = h.to_numpy(var)
+    assert np.isposinf(v[big]).all()
+    if (~big).any():
+        h.assert_close(v[~big], var_ref[~big], rtol=1e-4, atol_scale=0.0, what="var")
+    dx_ref, dg_ref, db_ref = h.ref_backward(x, gamma, dy, axis, EPS, mask)
+    # dx is about 1 / scale: at 1e36 some of it lies below float32's smallest
+    # normal number, which TensorFlow and XLA flush to zero on the CPU. The
+    # absolute floor is therefore at least that number (1.2e-38).
+    tiny = float(np.finfo(np.float32).tiny)
+    atol = max(1e-6 * float(np.abs(dx_ref).max()), tiny)
+    np.testing.assert_allclose(h.to_numpy(grads[0]), dx_ref, rtol=1e-5, atol=atol)
+    h.assert_close(grads[1], dg_ref, what="dgamma")
+    h.assert_close(grads[2], db_ref, what="dbeta")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from harness import to_numpy
+from harness import assert_close, to_numpy
 
 import keras_bn
 from keras_bn.recalibrate import RecalibrationReport, recalibrate
@@ -241,6 +241,156 @@ def test_progress_bar(rng, capsys):
     assert "2/2" in capsys.readouterr().out
 
 
+# -- All or nothing ----------------------------------------------------------------
+
+
+def snapshot(model):
+    return {v.path: np.array(keras.ops.convert_to_numpy(v)) for v in model.weights}
+
+
+def assert_unchanged(model, before):
+    for v in model.weights:
+        got = np.array(keras.ops.convert_to_numpy(v))
+        np.testing.assert_array_equal(got, before[v.path], err_msg=v.path)
+        assert got.tobytes() == before[v.path].tobytes(), v.path  # -0.0, NaN bits
+
+
+class FailingBatches(Batches):
+    """Raises `OSError` on the `fail_at`-th read (counting from 1)."""
+
+    def __init__(self, x, batch_size, fail_at):
+        super().__init__(x, batch_size)
+        self.reads, self.fail_at = 0, fail_at
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads == self.fail_at:
+            raise OSError(f"disk went away at read {self.reads}")
+        return super().__getitem__(i)
+
+
+# Reads: 1 finds the call order; 2-4 are the first layer's pass, 5-7 the
+# second's, 8-10 the last's (the fault used to leave bn_first recalibrated).
+@pytest.mark.parametrize("fail_at", [1, 3, 4, 6, 10])
+def test_data_error_leaves_every_statistic_bit_identical(rng, fail_at):
+    x = rng.normal(3.0, 2.0, (150, 6)).astype("float32")
+    model, _ = make_model(rng)
+    before = snapshot(model)
+    data = FailingBatches(x, 64, fail_at)
+    with pytest.raises(OSError, match=f"disk went away at read {fail_at}$"):
+        recalibrate(model, data, verbose=0)
+    assert_unchanged(model, before)
+
+
+def test_wrongly_shaped_batch_midway(rng):
+    x = rng.normal(size=(40, 6)).astype("float32")
+    model, _ = make_model(rng)
+    before = snapshot(model)
+    batches = [x[:20], x[20:], x[:10, :5]]  # the last has 5 features, not 6
+    with pytest.raises(ValueError, match=r"5"):
+        recalibrate(model, batches, verbose=0)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_data_raises_naming_layer_and_batch(rng, bad):
+    x = rng.normal(size=(60, 6)).astype("float32")
+    x[47, 2] = bad  # batch 2 of 20 examples each
+    model, _ = make_model(rng)
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError, match=r"batch 2 of `data`.*'bn_first'.*channels \[2\].*skip_nonf"
+    ):
+        recalibrate(model, x, batch_size=20, verbose=0)
+    assert_unchanged(model, before)
+
+
+def test_nonfinite_after_a_later_layer(rng):
+    """Finite data whose activations overflow only after the first BN."""
+    x = rng.normal(size=(40, 3)).astype("float32")
+    x[25] = 50.0  # about 6 standard deviations: exp(20 * 6) overflows float32
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras_bn.BatchNormalization(name="bn_a", center=False, scale=False),
+            keras.layers.Lambda(lambda t: keras.ops.exp(20.0 * t)),
+            keras.layers.BatchNormalization(name="bn_b"),
+        ]
+    )
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"batch 1 of `data`.*bn_b'"):
+        recalibrate(model, x, batch_size=20, verbose=0)
+    assert_unchanged(model, before)
+    report = recalibrate(model, x, batch_size=20, skip_nonfinite=True, verbose=0)
+    assert report.skipped_batches == [1]
+    assert [(r.count, r.skipped) for r in report.layers] == [(40, 0), (20, 1)]
+
+
+def test_statistics_that_overflow_float32(rng):
+    x = rng.normal(size=(20, 3)).astype("float32") * 1e30  # variance 1e60
+    model = keras.Sequential([keras.Input((3,)), keras_bn.BatchNormalization()])
+    model.add(keras.layers.BatchNormalization())
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"do not fit in float32.*variance"):
+        recalibrate(model, x, verbose=0)
+    assert_unchanged(model, before)
+
+
+def test_skip_nonfinite_counts_batches(rng):
+    x = rng.normal(3.0, 2.0, (100, 6)).astype("float32")
+    x[5, 0] = np.nan  # batch 0
+    x[85, 4] = np.inf  # batch 4
+    model, inner = make_model(rng)
+    clean, _ = make_model(np.random.default_rng(0))
+    clean.set_weights(model.get_weights())
+    report = recalibrate(model, x, batch_size=20, skip_nonfinite=True, verbose=0)
+    assert report.skipped_batches == [0, 4]
+    assert [r.skipped for r in report.layers] == [2, 0, 0]  # found at bn_first
+    assert all(r.count == 60 for r in report.layers)
+    assert "skipped 2 batch(es)" in str(report)
+    recalibrate(clean, x[20:80], batch_size=20, verbose=0)
+    for a, b in zip(model.weights, clean.weights, strict=True):
+        assert_close(to_numpy(a), to_numpy(b), rtol=1e-6, what=a.path)
+
+
+def test_masked_nonfinite_values_are_ignored(rng):
+    tokens = rng.integers(1, 10, (30, 7))
+    tokens[:, 4:] = 0  # padding, embedded as NaN below
+    emb = keras.layers.Embedding(10, 3, mask_zero=True)
+    model = keras.Sequential([keras.Input((7,), dtype="int32"), emb])
+    model.add(keras_bn.BatchNormalization())
+    table = rng.normal(size=(10, 3)).astype("float32")
+    table[0] = np.nan
+    emb.embeddings.assign(table)
+    recalibrate(model, tokens, verbose=0)
+    values = table[tokens[:, :4].ravel()].astype(np.float64)
+    assert_close(model.layers[1].moving_variance, values.var(0), rtol=1e-6)
+
+
+def test_conv_model_nan_pixel(rng):
+    """The issue's probe: one NaN pixel used to turn every BN's statistics NaN."""
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            keras.layers.Conv2D(4, 3, padding="same"),
+            keras_bn.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Conv2D(4, 3, padding="same"),
+            keras.layers.BatchNormalization(),
+        ]
+    )
+    x = rng.normal(size=(16, 8, 8, 2)).astype("float32")
+    x[9, 3, 3, 1] = np.nan
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"batch 1 of `data`"):
+        recalibrate(model, x, batch_size=8, verbose=0)
+    assert_unchanged(model, before)
+    report = recalibrate(model, x, batch_size=8, skip_nonfinite=True, verbose=0)
+    assert report.skipped_batches == [1]
+    y = keras.ops.convert_to_numpy(model(x[:8], training=False))
+    assert np.isfinite(y).all()
+
+
 def test_no_batchnorm():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="no BatchNormalization layer"):
@@ -256,6 +406,7 @@ def test_no_batchnorm():
         (np.ones((4, 3), "float32"), dict(steps=-1), ValueError, "steps=-1"),
         (np.ones((4, 3), "float32"), dict(steps=1.5), TypeError, "1.5"),
         (np.ones((4, 3), "float32"), dict(unbiased="no"), TypeError, "unbiased"),
+        (np.ones((4, 3), "float32"), dict(skip_nonfinite=1), TypeError, "skip_non"),
         (42, {}, TypeError, "Received: int"),
     ],
 )

@@ -569,10 +569,16 @@ def plot_curves(record: Record, baseline_lr: float, path) -> None:
             "Plotting needs matplotlib: pip install matplotlib"
         ) from e
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    targets = [
+        float(r["best_accuracy"])
+        for r in record.runs
+        if r["config"] == "Baseline" and math.isclose(float(r["lr"]), baseline_lr)
+    ]
+    zoom = (min(targets, default=0.97) - 0.04, 1.0)
     groups = (
         (axes[0], list(CONFIGS), (0, 1.0), "Table 2 configurations"),
-        (axes[1], list(CONFIGS), (0.97, 1.0), "zoom"),
-        (axes[2], ["BN-x5", *ABLATIONS], (0.97, 1.0), "ablation from BN-x5"),
+        (axes[1], list(CONFIGS), zoom, "zoom"),
+        (axes[2], ["BN-x5", *ABLATIONS], zoom, "ablation from BN-x5"),
     )
     for ax, names, ylim, title in groups:
         for i, name in enumerate(names):
@@ -588,16 +594,10 @@ def plot_curves(record: Record, baseline_lr: float, path) -> None:
                     alpha=0.8,
                     label=name if j == 0 else None,
                 )
-        targets = [
-            float(r["best_accuracy"])
-            for r in record.runs
-            if r["config"] == "Baseline" and math.isclose(float(r["lr"]), baseline_lr)
-        ]
         for t in targets:
             ax.axhline(t, color="k", ls=":", lw=0.6)
         ax.set_ylim(*ylim)
-        ax.set_xscale("log")
-        ax.set_xlabel("training step (log)")
+        ax.set_xlabel("training step")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{title} (dotted: Baseline bests; one line per seed)")
         ax.grid(alpha=0.3)
@@ -759,7 +759,9 @@ def protocol(
     return dict(
         baseline_lr=baseline_lr,
         seeds=seeds,
-        table=summarize(record, seeds, baseline_lr, ["Baseline", *names]),
+        table=summarize(
+            record, seeds, baseline_lr, list(dict.fromkeys(["Baseline", *names]))
+        ),
         ablation=summarize(record, seeds, baseline_lr, ["BN-x5", *arms]),
         results_md=str(out / "results.md"),
     )

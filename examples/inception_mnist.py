@@ -1,38 +1,42 @@
-"""The paper's Inception experiment (Table 2), scaled down to MNIST.
+"""The paper's Inception experiment (Table 2) and its section 4.2.1 ablation, on MNIST.
 
 Trains the small Inception network of `examples/inception_model.py` on real
-MNIST in the paper's configurations, all with the same data order and seed:
+MNIST in the paper's configurations (`CONFIGS`) and in the ablation arms
+(`ABLATIONS`), over several seeds, the way the paper measured Table 2:
 
-* `Baseline`: no BN, ReLU, the baseline learning rate (chosen by `--sweep`).
-* `BN`: BN after every convolution, same learning rate.
-* `BN-x5`, `BN-x30`: BN, learning rate x5 / x30, and the paper's section
-  4.2.1 changes: no dropout, L2 reduced 5x, learning-rate decay 6x faster.
-* `BN-x5-Sigmoid`: as `BN-x5` with sigmoid units.
-* `Baseline-Sigmoid`: as `Baseline` with sigmoid units.
+* Every run is trained until its test accuracy **plateaus** or its step
+  **cap**: it stops at the first evaluation where the best accuracy of the
+  last `window` steps is no more than one standard error above the best
+  accuracy before them (`plateaued`). The standard error is that of an
+  accuracy measured on `eval_size` test images, `sqrt(p (1 - p) / eval_size)`.
+* Each configuration's learning-rate schedule is stretched to its own
+  budget: `lr * 0.5 ** (step / budget)`, where the budget is the cap
+  (`cap` steps; `cap / 6` for configurations with the paper's 6x faster
+  decay, which are capped at that budget too).
+* The Baseline's learning rate is chosen by a sweep of Baseline runs made
+  the same way (to plateau) on the first seed.
+* A configuration's `steps_to_baseline` (per seed) is the first evaluated
+  step at which its test accuracy reaches that seed's Baseline's best.
 
-Network (`build_inception`, width 16): 3x3 stem conv, 2x2 max pool, an
-Inception module (16 filters per branch), 2x2 max pool, a module with 32 per
-branch, global average pooling, dropout 0.4 (not in the accelerated
-configurations), softmax. Batch size 64. Optimizer: SGD with (heavy-ball)
-momentum 0.9 and an exponentially decaying learning rate,
-`lr * 0.5 ** (step / steps)` for the plain configurations and six times faster
-(`lr * 0.5 ** (6 * step / steps)`) for the accelerated ones; L2 5e-4 on every
-kernel (1e-4 accelerated). BN layers use moving-average momentum 0.9. Every
-`eval_every` steps the model is evaluated on a fixed set of test images (the
-first `eval_size` of the 10,000); a configuration's `steps_to_baseline` is the
-first evaluated step at which it reaches the `Baseline`'s best test accuracy
-("never" if it does not).
+Configurations: `Baseline` (no BN, ReLU, dropout 0.4, L2 5e-4, shuffled
+every epoch), `BN` (BN after every convolution, otherwise as Baseline),
+`BN-x5`/`BN-x30` (BN, lr x5/x30 and the section 4.2.1 changes: no dropout,
+L2 / 5, 6x faster decay), `BN-x5-Sigmoid`, `Baseline-Sigmoid`. Ablation
+(from `BN-x5`, one change switched back at a time): `BN-x5+dropout`,
+`BN-x5+L2`, `BN-x5-slow-decay`, `BN-x5-same-batches` (one permutation of the
+training set drawn once and repeated every epoch, so every mini-batch always
+holds the same examples), and `BN-lr-x5-only` (BN with only the learning rate
+raised).
 
-Usage (the committed run in docs/inception_mnist.md):
+Usage (the full protocol; docs/inception_mnist.md gives what was run):
 
-    python examples/inception_mnist.py --sweep 0.01 0.03 0.1 --steps 2000 \
-        --out runs/inception_sweep
-    python examples/inception_mnist.py --steps 2000 --out runs/inception
+    python examples/inception_mnist.py --out runs/inception --seeds 0 1 2 \
+        --sweep 0.01 0.03 0.1 --ablation
 
-Writes `OUT/results.csv` (config, lr, steps_to_baseline, best_accuracy),
-`OUT/curves.csv` (config, step, accuracy, train_loss, elapsed_s) and
-`OUT/curves.png`; with `--sweep`, `OUT/sweep.csv` (lr, best_accuracy,
-best_step, final_accuracy).
+The protocol is resumable: runs already recorded in `OUT/runs.csv` are
+skipped. After every run it rewrites `OUT/runs.csv` (one row per run),
+`OUT/curves.csv` (every evaluation), `OUT/results.md` (sweep, Table 2 and
+ablation tables, mean ± sd over seeds) and `OUT/curves.png`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import argparse
 import csv
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -56,17 +61,31 @@ import keras  # noqa: E402
 from examples.inception_model import build_inception  # noqa: E402
 from examples.mnist import load_mnist  # noqa: E402
 
-BASELINE_LR = 0.03  # best of the --sweep recorded in docs/inception_mnist.md
+BASELINE_LR = 0.03  # default when no --sweep is given
 MOMENTUM = 0.9
 DROPOUT = 0.4
 L2 = 5e-4
+L2_REDUCTION = 5.0  # section 4.2.1: L2 reduced by a factor of 5
+DECAY_SPEEDUP = 6  # section 4.2.1: learning-rate decay 6x faster
 BATCH_SIZE = 64
-EVAL_EVERY = 100
+EVAL_EVERY = 250
 EVAL_SIZE = 5000
 WIDTH = 16
-RESULT_COLUMNS = ("config", "lr", "steps_to_baseline", "best_accuracy")
-CURVE_COLUMNS = ("config", "step", "accuracy", "train_loss", "elapsed_s")
-SWEEP_COLUMNS = ("lr", "best_accuracy", "best_step", "final_accuracy")
+CAP = 12000
+WINDOW = 3000
+RUN_COLUMNS = (
+    "phase",
+    "config",
+    "seed",
+    "lr",
+    "budget",
+    "steps",
+    "stop",
+    "best_accuracy",
+    "best_step",
+    "wall_s",
+)
+CURVE_COLUMNS = ("config", "seed", "lr", "step", "accuracy", "train_loss", "elapsed_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,35 +96,60 @@ class Config:
         batch_norm: BN after every convolution.
         activation: `"relu"` or `"sigmoid"`.
         lr_multiplier: Learning rate as a multiple of the baseline's.
-        accelerated: Apply section 4.2.1: no dropout, L2 / 5, decay 6x faster.
+        dropout: Dropout 0.4 before the classifier (else none).
+        reduced_l2: L2 reduced 5x (`L2 / 5`, else `L2`).
+        fast_decay: Budget (cap and decay length) 6x shorter.
+        reshuffle: Draw a new permutation of the training set every epoch
+            (else one permutation, repeated: the same mini-batches every epoch).
     """
 
     batch_norm: bool
-    activation: str
-    lr_multiplier: float
-    accelerated: bool
+    activation: str = "relu"
+    lr_multiplier: float = 1.0
+    dropout: bool = True
+    reduced_l2: bool = False
+    fast_decay: bool = False
+    reshuffle: bool = True
 
 
+_X5 = Config(True, "relu", 5.0, dropout=False, reduced_l2=True, fast_decay=True)
 CONFIGS = {
-    "Baseline": Config(False, "relu", 1.0, False),
-    "BN": Config(True, "relu", 1.0, False),
-    "BN-x5": Config(True, "relu", 5.0, True),
-    "BN-x30": Config(True, "relu", 30.0, True),
-    "BN-x5-Sigmoid": Config(True, "sigmoid", 5.0, True),
-    "Baseline-Sigmoid": Config(False, "sigmoid", 1.0, False),
+    "Baseline": Config(False),
+    "BN": Config(True),
+    "BN-x5": _X5,
+    "BN-x30": dataclasses.replace(_X5, lr_multiplier=30.0),
+    "BN-x5-Sigmoid": dataclasses.replace(_X5, activation="sigmoid"),
+    "Baseline-Sigmoid": Config(False, "sigmoid"),
+}
+ABLATIONS = {
+    "BN-x5+dropout": dataclasses.replace(_X5, dropout=True),
+    "BN-x5+L2": dataclasses.replace(_X5, reduced_l2=False),
+    "BN-x5-slow-decay": dataclasses.replace(_X5, fast_decay=False),
+    "BN-x5-same-batches": dataclasses.replace(_X5, reshuffle=False),
+    "BN-lr-x5-only": Config(True, lr_multiplier=5.0),
+}
+ALL_CONFIGS = {**CONFIGS, **ABLATIONS}
+# Table 2 of the paper (steps to Inception's best 72.2%, max accuracy).
+PAPER = {
+    "Baseline": ("0.0015", "31.0e6", "72.2%"),
+    "BN": ("0.0015", "13.3e6", "72.7%"),
+    "BN-x5": ("0.0075", "2.1e6", "73.0%"),
+    "BN-x30": ("0.045", "2.7e6", "74.8%"),
+    "BN-x5-Sigmoid": ("0.0075", "never", "69.8%"),
+    "Baseline-Sigmoid": ("0.0015", "never", "chance"),
 }
 
 
-def check_configs(configs: Sequence[str] | None) -> list[str]:
-    """Validates configuration names; `None` means all, in the canonical order."""
+def check_configs(configs: Sequence[str] | None, known=ALL_CONFIGS) -> list[str]:
+    """Validates configuration names; `None` means all of `known`, in order."""
     if configs is None:
-        return list(CONFIGS)
+        return list(known)
     if isinstance(configs, str):
         configs = [configs]
-    unknown = [c for c in configs if c not in CONFIGS]
+    unknown = [c for c in configs if c not in known]
     if unknown or not configs:
         raise ValueError(
-            f"Argument `configs` must name configurations from {list(CONFIGS)}. "
+            f"Argument `configs` must name configurations from {list(known)}. "
             f"Received: configs={list(configs)!r} (unknown: {unknown!r})"
         )
     return list(dict.fromkeys(configs))
@@ -129,6 +173,54 @@ def _positive_float(name: str, value) -> float:
     return float(value)
 
 
+def budget(config: Config, cap: int) -> int:
+    """Step cap of a configuration, which is also its decay length."""
+    return max(1, cap // DECAY_SPEEDUP) if config.fast_decay else cap
+
+
+def config_lr(name: str, baseline_lr: float) -> float:
+    """A configuration's initial learning rate (6 significant digits)."""
+    return float(f"{baseline_lr * ALL_CONFIGS[name].lr_multiplier:.6g}")
+
+
+def learning_rate(config: Config, baseline_lr: float, cap: int, step):
+    """The stretched schedule `lr * 0.5 ** (step / budget)` at `step`."""
+    return baseline_lr * config.lr_multiplier * 0.5 ** (step / budget(config, cap))
+
+
+def make_schedule(config: Config, baseline_lr: float, cap: int):
+    """`learning_rate` as a Keras schedule (exponential decay over the budget)."""
+    return keras.optimizers.schedules.ExponentialDecay(
+        baseline_lr * config.lr_multiplier,
+        decay_steps=budget(config, cap),
+        decay_rate=0.5,
+    )
+
+
+def standard_error(accuracy: float, n: int) -> float:
+    """Standard error of an accuracy measured on `n` independent examples."""
+    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / n)
+
+
+def plateaued(curve: list[dict], window: int, eval_size: int) -> bool:
+    """True if the last `window` steps brought no improvement above one SE.
+
+    With `last` the step of the latest evaluation, `ref` the best accuracy at
+    steps `<= last - window` and `recent` the best at steps `> last - window`:
+    `recent <= ref + standard_error(ref, eval_size)`. False while fewer than
+    `window` steps lie after the first evaluation.
+    """
+    if not curve:
+        return False
+    last = curve[-1]["step"]
+    before = [p["accuracy"] for p in curve if p["step"] <= last - window]
+    recent = [p["accuracy"] for p in curve if p["step"] > last - window]
+    if not before or not recent:
+        return False
+    ref = max(before)
+    return max(recent) <= ref + standard_error(ref, eval_size)
+
+
 def _load_data(train_size: int | None, eval_size: int):
     (x_train, y_train), (x_test, y_test) = load_mnist(flatten=False)
     if train_size is not None:
@@ -136,10 +228,16 @@ def _load_data(train_size: int | None, eval_size: int):
     return (x_train, y_train), (x_test[:eval_size], y_test[:eval_size])
 
 
-def _data_order(n: int, total: int, seed: int) -> np.ndarray:
-    """Training-example indices for `total` draws: concatenated permutations."""
+def _data_order(n: int, total: int, seed: int, reshuffle: bool = True) -> np.ndarray:
+    """Training-example indices for `total` draws: concatenated permutations.
+
+    `reshuffle=False` repeats the first permutation every epoch (the same
+    mini-batches, in the same order, every epoch).
+    """
     rng = np.random.default_rng(seed)
     epochs = -(-total // n)
+    if not reshuffle:
+        return np.tile(rng.permutation(n), epochs)[:total]
     return np.concatenate([rng.permutation(n) for _ in range(epochs)])[:total]
 
 
@@ -147,23 +245,25 @@ def train_config(
     name: str,
     data,
     *,
-    steps: int,
+    cap: int,
     baseline_lr: float,
     seed: int,
-    width: int,
-    batch_size: int,
-    eval_every: int,
+    width: int = WIDTH,
     modules: int = 2,
+    batch_size: int = BATCH_SIZE,
+    eval_every: int = EVAL_EVERY,
+    window: int = WINDOW,
     verbose: bool = True,
-) -> list[dict]:
-    """Trains one configuration; returns its accuracy curve.
+) -> tuple[list[dict], str]:
+    """Trains one configuration until it plateaus or reaches its budget.
 
     Returns:
-        A list of `{"step", "accuracy", "train_loss", "elapsed_s"}` dicts, one
-        per evaluation (every `eval_every` steps and at the last step). Stops
-        early if the training loss becomes non-finite (diverged).
+        `(curve, stop)`: the curve is a list of `{"step", "accuracy",
+        "train_loss", "elapsed_s"}` dicts, one per evaluation (every
+        `eval_every` steps and at the budget); `stop` is `"plateau"`,
+        `"cap"` or `"diverged"` (non-finite training loss).
     """
-    cfg = CONFIGS[check_configs([name])[0]]
+    cfg = ALL_CONFIGS[check_configs([name])[0]]
     (x_train, y_train), (x_eval, y_eval) = data
     keras.utils.set_random_seed(seed)
     model = build_inception(
@@ -171,22 +271,20 @@ def train_config(
         modules=modules,
         batch_norm=cfg.batch_norm,
         activation=cfg.activation,
-        dropout=0.0 if cfg.accelerated else DROPOUT,
-        l2=L2 / 5 if cfg.accelerated else L2,
+        dropout=DROPOUT if cfg.dropout else 0.0,
+        l2=L2 / L2_REDUCTION if cfg.reduced_l2 else L2,
     )
-    schedule = keras.optimizers.schedules.ExponentialDecay(
-        baseline_lr * cfg.lr_multiplier,
-        decay_steps=steps / (6.0 if cfg.accelerated else 1.0),
-        decay_rate=0.5,
-    )
+    steps = budget(cfg, cap)
     model.compile(
-        optimizer=keras.optimizers.SGD(schedule, momentum=MOMENTUM),
+        optimizer=keras.optimizers.SGD(
+            make_schedule(cfg, baseline_lr, cap), momentum=MOMENTUM
+        ),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=True,
     )
-    order = _data_order(len(x_train), steps * batch_size, seed)
-    curve, done, start = [], 0, time.perf_counter()
+    order = _data_order(len(x_train), steps * batch_size, seed, cfg.reshuffle)
+    curve, done, stop, start = [], 0, "cap", time.perf_counter()
     while done < steps:
         chunk = min(eval_every, steps - done)
         idx = order[done * batch_size : (done + chunk) * batch_size]
@@ -210,15 +308,17 @@ def train_config(
         curve.append(point)
         if verbose:
             print(
-                f"{name:>16s} step {done:6d}  acc {acc:.4f}  loss {loss:.4f}  "
-                f"{point['elapsed_s']:7.1f}s",
+                f"{name:>18s} seed {seed} step {done:6d}  acc {acc:.4f}  "
+                f"loss {loss:.4f}  {point['elapsed_s']:7.1f}s",
                 flush=True,
             )
         if not math.isfinite(loss):
-            if verbose:
-                print(f"{name:>16s} diverged (non-finite loss); stopping it.")
+            stop = "diverged"
             break
-    return curve
+        if plateaued(curve, window, len(x_eval)):
+            stop = "plateau"
+            break
+    return curve, stop
 
 
 def steps_to_reach(curve: list[dict], target: float | None) -> int | str:
@@ -231,44 +331,234 @@ def steps_to_reach(curve: list[dict], target: float | None) -> int | str:
     return "never"
 
 
-def summarize(
-    curves: dict[str, list[dict]], baseline_lr: float, target: float | None = None
-) -> tuple[list[dict], float | None]:
-    """Turns accuracy curves into `results.csv` rows.
+def mean_sd(values) -> tuple[float, float, int]:
+    """Mean, sample sd (0 for a single value) and count of the numeric `values`."""
+    v = np.asarray([x for x in values if isinstance(x, int | float)], "float64")
+    if v.size == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
 
-    Args:
-        curves: Configuration name -> curve, as returned by `train_config`.
-        baseline_lr: The baseline's learning rate.
-        target: Accuracy that defines `steps_to_baseline`; `None` uses the
-            `Baseline`'s best accuracy if `curves` holds it (else "n/a").
 
-    Returns:
-        `(rows, target)`: one dict per configuration with the `RESULT_COLUMNS`
-        keys, and the target accuracy used.
-    """
-    if target is None and "Baseline" in curves:
-        target = max(p["accuracy"] for p in curves["Baseline"])
-    rows = [
-        dict(
-            config=name,
-            lr=float(f"{baseline_lr * CONFIGS[name].lr_multiplier:.6g}"),
-            steps_to_baseline=steps_to_reach(curve, target),
-            best_accuracy=round(max(p["accuracy"] for p in curve), 4),
-        )
-        for name, curve in curves.items()
-    ]
-    return rows, target
+def _read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
 
 
-def plot_curves(curves: dict[str, list[dict]], target: float | None, path) -> None:
-    """Saves test accuracy vs training step for every configuration as a PNG."""
+def _key(config, seed, lr) -> tuple[str, int, float]:
+    return str(config), int(seed), float(lr)
+
+
+class Record:
+    """The protocol's runs and curves, read from and written to `out`."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.runs = _read_csv(out / "runs.csv")
+        self.curves = {}
+        for row in _read_csv(out / "curves.csv"):
+            key = _key(row["config"], row["seed"], row["lr"])
+            point = {k: float(row[k] or "nan") for k in CURVE_COLUMNS[3:]}
+            point["step"] = int(point["step"])
+            self.curves.setdefault(key, []).append(point)
+
+    def find(self, config, seed, lr) -> dict | None:
+        key = _key(config, seed, lr)
+        for run in self.runs:
+            if _key(run["config"], run["seed"], run["lr"]) == key:
+                return run
+        return None
+
+    def add(self, phase, config, seed, lr, budget_, curve, stop, wall_s) -> dict:
+        best = max(curve, key=lambda p: p["accuracy"])
+        run = dict(
+            phase=phase,
+            config=config,
+            seed=seed,
+            lr=lr,
+            budget=budget_,
+            steps=curve[-1]["step"],
+            stop=stop,
+            best_accuracy=best["accuracy"],
+            best_step=best["step"],
+            wall_s=round(wall_s, 1),
+        )
+        self.runs.append(run)
+        self.curves[_key(config, seed, lr)] = curve
+        _write_csv(self.out / "runs.csv", RUN_COLUMNS, self.runs)
+        rows = [
+            dict(config=c, seed=s, lr=lr_, **p)
+            for (c, s, lr_), points in self.curves.items()
+            for p in points
+        ]
+        _write_csv(self.out / "curves.csv", CURVE_COLUMNS, rows)
+        return run
+
+
+def choose_lr(sweep_runs: list[dict]) -> float:
+    """The swept learning rate with the highest best accuracy (ties: the first)."""
+    if not sweep_runs:
+        raise ValueError("No sweep runs to choose a learning rate from.")
+    return float(max(sweep_runs, key=lambda r: float(r["best_accuracy"]))["lr"])
+
+
+def summarize(record: Record, seeds, baseline_lr: float, names) -> list[dict]:
+    """Per-configuration mean ± sd over seeds, against each seed's Baseline best.
+
+    Returns:
+        One dict per configuration in `names` that has runs: `config`, `lr`,
+        `budget`, `seeds` (runs found), `targets` (the Baselines' bests),
+        `steps_to_baseline` (per seed: a step, "never", or "n/a" without
+        the seed's Baseline), `reached` (count), `steps_mean_sd`,
+        `best_mean_sd`, `steps_run_mean_sd`.
+    """
+    table = []
+    for name in names:
+        lr = config_lr(name, baseline_lr)
+        per_seed = []
+        for seed in seeds:
+            run = record.find(name, seed, lr)
+            if run is None:
+                continue
+            base = record.find("Baseline", seed, baseline_lr)
+            target = None if base is None else float(base["best_accuracy"])
+            curve = record.curves[_key(name, seed, lr)]
+            per_seed.append(
+                dict(
+                    seed=seed,
+                    target=target,
+                    reach=steps_to_reach(curve, target),
+                    best=float(run["best_accuracy"]),
+                    steps=int(run["steps"]),
+                    stop=run["stop"],
+                )
+            )
+        if not per_seed:
+            continue
+        reach = [p["reach"] for p in per_seed]
+        table.append(
+            dict(
+                config=name,
+                lr=lr,
+                budget=int(record.find(name, per_seed[0]["seed"], lr)["budget"]),
+                seeds=[p["seed"] for p in per_seed],
+                targets=[p["target"] for p in per_seed],
+                steps_to_baseline=reach,
+                reached=sum(isinstance(r, int) for r in reach),
+                steps_mean_sd=mean_sd(reach),
+                best_mean_sd=mean_sd([p["best"] for p in per_seed]),
+                steps_run_mean_sd=mean_sd([p["steps"] for p in per_seed]),
+                stops=[p["stop"] for p in per_seed],
+            )
+        )
+    return table
+
+
+def _pm(stat, fmt: str) -> str:
+    mean, sd, n = stat
+    return "n/a" if n == 0 else f"{fmt.format(mean)} ± {fmt.format(sd)}"
+
+
+def _steps_cell(row) -> str:
+    n = len(row["seeds"])
+    if row["reached"] == 0:
+        return "never" if all(r == "never" for r in row["steps_to_baseline"]) else "n/a"
+    cell = _pm(row["steps_mean_sd"], "{:.0f}")
+    return cell if row["reached"] == n else f"{cell} ({row['reached']}/{n} seeds)"
+
+
+def results_markdown(record: Record, settings: dict) -> str:
+    """The sweep, Table 2 and ablation tables as markdown."""
+    lr0 = settings["baseline_lr"]
+    seeds = settings["seeds"]
+    lines = []
+    sweep = [r for r in record.runs if r["phase"] == "sweep"]
+    if sweep:
+        lines += [
+            "### Baseline learning-rate sweep (seed {})".format(sweep[0]["seed"]),
+            "",
+            "| lr | best accuracy | at step | steps run | stop | wall s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sweep:
+            lines.append(
+                f"| {float(r['lr']):g} | {float(r['best_accuracy']):.4f} "
+                f"| {r['best_step']} | {r['steps']} | {r['stop']} | {r['wall_s']} |"
+            )
+        lines += ["", f"Chosen Baseline lr: {lr0:g}.", ""]
+    base = summarize(record, seeds, lr0, ["Baseline"])
+    lines += [
+        "### Table 2 (mean ± sd over seeds; steps to each seed's Baseline best)",
+        "",
+        "| configuration | paper: lr | paper: steps to 72.2% | paper: max acc. "
+        "| ours: lr | budget (cap) | ours: steps to Baseline best "
+        "| ours: speed-up | ours: best accuracy | steps run | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base_steps = base[0]["steps_mean_sd"][0] if base else math.nan
+    for row in summarize(record, seeds, lr0, list(CONFIGS)):
+        paper = PAPER[row["config"]]
+        steps = row["steps_mean_sd"][0]
+        speed = (
+            f"{base_steps / steps:.1f}x"
+            if row["reached"] == len(row["seeds"]) and steps > 0
+            else "-"
+        )
+        lines.append(
+            f"| {row['config']} | {paper[0]} | {paper[1]} | {paper[2]} "
+            f"| {row['lr']:g} | {row['budget']} | {_steps_cell(row)} | {speed} "
+            f"| {_pm(row['best_mean_sd'], '{:.4f}')} "
+            f"| {_pm(row['steps_run_mean_sd'], '{:.0f}')} "
+            f"| {','.join(map(str, row['seeds']))} |"
+        )
+    ablation = summarize(record, seeds, lr0, ["BN-x5", *ABLATIONS])
+    if any(row["config"] in ABLATIONS for row in ablation):
+        lines += [
+            "",
+            "### Section 4.2.1 ablation (from BN-x5, one change switched back)",
+            "",
+            "| configuration | lr | budget (cap) | steps to Baseline best "
+            "| best accuracy | steps run | seeds |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in ablation:
+            lines.append(
+                f"| {row['config']} | {row['lr']:g} | {row['budget']} "
+                f"| {_steps_cell(row)} | {_pm(row['best_mean_sd'], '{:.4f}')} "
+                f"| {_pm(row['steps_run_mean_sd'], '{:.0f}')} "
+                f"| {','.join(map(str, row['seeds']))} |"
+            )
+    lines += [
+        "",
+        "### Per run",
+        "",
+        "| config | seed | lr | steps to Baseline best "
+        "| best accuracy (at step) | steps run | stop | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summarize(record, seeds, lr0, list(ALL_CONFIGS)):
+        for seed, reach in zip(row["seeds"], row["steps_to_baseline"], strict=True):
+            run = record.find(row["config"], seed, row["lr"])
+            lines.append(
+                f"| {row['config']} | {seed} | {row['lr']:g} | {reach} "
+                f"| {float(run['best_accuracy']):.4f} ({run['best_step']}) "
+                f"| {run['steps']} | {run['stop']} | {run['wall_s']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(record: Record, baseline_lr: float, path) -> None:
+    """Test accuracy vs step: every run of Table 2 and of the ablation."""
     try:
         import matplotlib
 
@@ -278,212 +568,272 @@ def plot_curves(curves: dict[str, list[dict]], target: float | None, path) -> No
         raise ModuleNotFoundError(
             "Plotting needs matplotlib: pip install matplotlib"
         ) from e
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, zoom in zip(axes, (False, True), strict=True):
-        for name, curve in curves.items():
-            steps = [p["step"] for p in curve]
-            ax.plot(steps, [p["accuracy"] for p in curve], label=name, lw=1.4)
-        if target is not None:
-            ax.axhline(target, color="k", ls="--", lw=0.8, label="Baseline best")
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    targets = [
+        float(r["best_accuracy"])
+        for r in record.runs
+        if r["config"] == "Baseline" and math.isclose(float(r["lr"]), baseline_lr)
+    ]
+    zoom = (min(targets, default=0.97) - 0.04, 1.0)
+    groups = (
+        (axes[0], list(CONFIGS), (0, 1.0), "Table 2 configurations"),
+        (axes[1], list(CONFIGS), zoom, "zoom"),
+        (axes[2], ["BN-x5", *ABLATIONS], zoom, "ablation from BN-x5"),
+    )
+    for ax, names, ylim, title in groups:
+        for i, name in enumerate(names):
+            lr = config_lr(name, baseline_lr)
+            runs = [(k, c) for k, c in record.curves.items() if k[0] == name]
+            runs = [(k, c) for k, c in runs if math.isclose(k[2], lr)]
+            for j, (_, curve) in enumerate(sorted(runs, key=lambda kc: kc[0])):
+                ax.plot(
+                    [p["step"] for p in curve],
+                    [p["accuracy"] for p in curve],
+                    color=f"C{i}",
+                    lw=1.0,
+                    alpha=0.8,
+                    label=name if j == 0 else None,
+                )
+        for t in targets:
+            ax.axhline(t, color="k", ls=":", lw=0.6)
+        ax.set_ylim(*ylim)
         ax.set_xlabel("training step")
         ax.set_ylabel("test accuracy")
+        ax.set_title(f"{title} (dotted: Baseline bests; one line per seed)")
         ax.grid(alpha=0.3)
-        if zoom:
-            low = 0.95 if target is None else min(0.97, target - 0.01)
-            ax.set_ylim(low, 1.0)
-            ax.set_title("zoom near the baseline's best")
-        else:
-            ax.set_ylim(0, 1.0)
-            ax.set_title("Small Inception on MNIST: test accuracy")
-    axes[0].legend(loc="lower right", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def run(
-    steps: int,
+def merge(out, others: Sequence, seeds, baseline_lr: float, plot: bool = True):
+    """Adds the runs recorded in `others` to `out` (runs already there win).
+
+    Lets independent processes (e.g. the ablation arms) write their own
+    folders, merged afterwards; then rewrites `out`'s tables and figure.
+    """
+    record = Record(Path(out))
+    for other in others:
+        theirs = Record(Path(other))
+        for run in theirs.runs:
+            if record.find(run["config"], run["seed"], run["lr"]) is None:
+                key = _key(run["config"], run["seed"], run["lr"])
+                record.runs.append(run)
+                record.curves[key] = theirs.curves[key]
+    record.runs.sort(key=lambda r: ("sweep", "table2", "ablation").index(r["phase"]))
+    _write_csv(record.out / "runs.csv", RUN_COLUMNS, record.runs)
+    rows = [
+        dict(config=c, seed=s, lr=lr_, **p)
+        for (c, s, lr_), points in record.curves.items()
+        for p in points
+    ]
+    _write_csv(record.out / "curves.csv", CURVE_COLUMNS, rows)
+    settings = dict(baseline_lr=baseline_lr, seeds=list(seeds))
+    (record.out / "results.md").write_text(results_markdown(record, settings))
+    if plot:
+        plot_curves(record, baseline_lr, record.out / "curves.png")
+    return record
+
+
+def protocol(
     out,
-    configs: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
     *,
-    seed: int = 0,
+    sweep_lrs: Sequence[float] | None = None,
     baseline_lr: float = BASELINE_LR,
+    configs: Sequence[str] | None = None,
+    ablation: Sequence[str] | None = (),
+    cap: int = CAP,
+    window: int = WINDOW,
     width: int = WIDTH,
     modules: int = 2,
     batch_size: int = BATCH_SIZE,
     eval_every: int = EVAL_EVERY,
     eval_size: int = EVAL_SIZE,
     train_size: int | None = None,
-    target: float | None = None,
     plot: bool = True,
     verbose: bool = True,
-) -> list[dict]:
-    """Runs the configurations and writes results, curves and a figure to `out`.
+) -> dict:
+    """Runs the protocol (sweep, Table 2 over seeds, ablation); resumable.
 
     Args:
-        steps: Training steps per configuration.
-        out: Output directory (created if needed).
-        configs: Configuration names from `CONFIGS`; `None` runs all of them.
-        seed: Seed of the data order and the weight initialization (shared by
-            every configuration).
-        baseline_lr: The baseline's initial learning rate.
-        width: Filters per branch of the first Inception module.
-        modules: Number of Inception modules (2 in the experiment).
+        out: Output directory (created); runs already in `out/runs.csv` with
+            the same configuration, seed and lr are not repeated.
+        seeds: Seeds of the weights and data order; the sweep uses the first.
+        sweep_lrs: Baseline learning rates to sweep (`None`: use `baseline_lr`).
+        baseline_lr: The Baseline's lr when there is no sweep.
+        configs: Table 2 configurations (`None`: all of `CONFIGS`, the
+            Baseline first; `()`: none). Steps to the Baseline's best need
+            the seed's Baseline run in `out` (run here or merged).
+        ablation: Ablation arms (`None`: all of `ABLATIONS`; default none).
+        cap: Step cap and decay length of plain configurations (fast-decay
+            ones: `cap // 6`).
+        window: Plateau window in steps (see `plateaued`).
+        width, modules: Network size (`build_inception`).
         batch_size: Training mini-batch size.
         eval_every: Evaluate every this many steps.
         eval_size: Evaluate on the first `eval_size` MNIST test images.
-        train_size: Train on the first `train_size` training images (`None`:
-            all 60,000).
-        target: Accuracy that defines `steps_to_baseline`; `None` uses the
-            `Baseline`'s best accuracy when `Baseline` runs, else "n/a".
-        plot: Write `curves.png` (needs matplotlib).
+        train_size: Train on the first `train_size` images (`None`: 60,000).
+        plot: Write `curves.png`.
         verbose: Print progress.
 
     Returns:
-        One dict per configuration with the `results.csv` columns.
-
-    Example:
-
-    >>> rows = run(50, "runs/tiny", ["BN"], width=4, train_size=512,
-    ...            eval_every=25, eval_size=500)
+        `{"baseline_lr", "seeds", "table", "ablation", "results_md"}`.
     """
-    names = check_configs(configs)
-    steps = _positive_int("steps", steps)
-    batch_size = _positive_int("batch_size", batch_size)
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"`seeds` must be distinct, at least one. Received: {seeds}")
+    names = [] if configs == () else check_configs(configs, CONFIGS)
+    if "Baseline" in names:  # the targets: each seed's Baseline runs first
+        names = ["Baseline", *[n for n in names if n != "Baseline"]]
+    arms = [] if ablation == () else check_configs(ablation, ABLATIONS)
+    cap = _positive_int("cap", cap)
+    window = _positive_int("window", window)
     eval_every = _positive_int("eval_every", eval_every)
     eval_size = _positive_int("eval_size", eval_size)
+    batch_size = _positive_int("batch_size", batch_size)
     baseline_lr = _positive_float("baseline_lr", baseline_lr)
+    sweep_lrs = (
+        None
+        if sweep_lrs is None
+        else [_positive_float("sweep_lrs", lr) for lr in sweep_lrs]
+    )
     if train_size is not None:
         train_size = _positive_int("train_size", train_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = _load_data(train_size, eval_size)
-    curves = {}
-    for name in names:
-        curves[name] = train_config(
-            name,
-            data,
-            steps=steps,
-            baseline_lr=baseline_lr,
-            seed=seed,
-            width=width,
-            modules=modules,
-            batch_size=batch_size,
-            eval_every=eval_every,
-            verbose=verbose,
-        )
-    rows, target = summarize(curves, baseline_lr, target)
-    _write_csv(out / "results.csv", RESULT_COLUMNS, rows)
-    _write_csv(
-        out / "curves.csv",
-        CURVE_COLUMNS,
-        [dict(config=n, **p) for n, curve in curves.items() for p in curve],
+    record = Record(out)
+    common = dict(
+        cap=cap,
+        width=width,
+        modules=modules,
+        batch_size=batch_size,
+        eval_every=eval_every,
+        window=window,
+        verbose=verbose,
     )
-    if plot:
-        plot_curves(curves, target, out / "curves.png")
-    return rows
 
-
-def sweep(
-    lrs: Sequence[float],
-    steps: int,
-    out,
-    *,
-    seed: int = 0,
-    width: int = WIDTH,
-    modules: int = 2,
-    batch_size: int = BATCH_SIZE,
-    eval_every: int = EVAL_EVERY,
-    eval_size: int = EVAL_SIZE,
-    train_size: int | None = None,
-    verbose: bool = True,
-) -> list[dict]:
-    """Trains `Baseline` at each learning rate; writes `out/sweep.csv`.
-
-    Returns:
-        One dict per learning rate with the `sweep.csv` columns.
-    """
-    lrs = [_positive_float("lrs", lr) for lr in lrs]
-    if not lrs:
-        raise ValueError("Argument `lrs` must hold at least one learning rate.")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = _load_data(train_size, _positive_int("eval_size", eval_size))
-    rows = []
-    for lr in lrs:
-        curve = train_config(
-            "Baseline",
-            data,
-            steps=_positive_int("steps", steps),
-            baseline_lr=lr,
-            seed=seed,
-            width=width,
-            modules=modules,
-            batch_size=batch_size,
-            eval_every=eval_every,
-            verbose=verbose,
+    def ensure(phase, name, seed, lr0):
+        lr = config_lr(name, lr0)
+        run = record.find(name, seed, lr)
+        if run is not None:
+            return run
+        start = time.perf_counter()
+        curve, stop = train_config(name, data, baseline_lr=lr0, seed=seed, **common)
+        run = record.add(
+            phase,
+            name,
+            seed,
+            lr,
+            budget(ALL_CONFIGS[name], cap),
+            curve,
+            stop,
+            time.perf_counter() - start,
         )
-        best = max(curve, key=lambda p: p["accuracy"])
-        rows.append(
-            dict(
-                lr=lr,
-                best_accuracy=round(best["accuracy"], 4),
-                best_step=best["step"],
-                final_accuracy=round(curve[-1]["accuracy"], 4),
-            )
-        )
-    _write_csv(out / "sweep.csv", SWEEP_COLUMNS, rows)
-    return rows
+        report()
+        return run
+
+    settings = dict(baseline_lr=baseline_lr, seeds=seeds)
+
+    def report():
+        text = results_markdown(record, settings)
+        (out / "results.md").write_text(text)
+        if plot:
+            plot_curves(record, settings["baseline_lr"], out / "curves.png")
+
+    if sweep_lrs:
+        swept = [ensure("sweep", "Baseline", seeds[0], lr) for lr in sweep_lrs]
+        settings["baseline_lr"] = baseline_lr = choose_lr(swept)
+        if verbose:
+            print(f"Baseline lr chosen by the sweep: {baseline_lr:g}", flush=True)
+    for seed in seeds:
+        for name in names:
+            ensure("table2", name, seed, baseline_lr)
+    for seed in seeds:
+        for name in arms:
+            ensure("ablation", name, seed, baseline_lr)
+    report()
+    return dict(
+        baseline_lr=baseline_lr,
+        seeds=seeds,
+        table=summarize(
+            record, seeds, baseline_lr, list(dict.fromkeys(["Baseline", *names]))
+        ),
+        ablation=summarize(record, seeds, baseline_lr, ["BN-x5", *arms]),
+        results_md=str(out / "results.md"),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sweep", nargs="+", type=float, metavar="LR")
     parser.add_argument("--lr", type=float, default=BASELINE_LR, help="baseline lr")
+    parser.add_argument(
+        "--configs",
+        nargs="*",
+        choices=list(CONFIGS),
+        help="Table 2 configurations (default: all; no names: none)",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="only merge the runs of these output folders into --out and report",
+    )
+    parser.add_argument(
+        "--ablation",
+        nargs="*",
+        choices=list(ABLATIONS),
+        help="run the ablation arms (no names: all of them)",
+    )
+    parser.add_argument("--cap", type=int, default=CAP)
+    parser.add_argument("--window", type=int, default=WINDOW)
     parser.add_argument("--width", type=int, default=WIDTH)
     parser.add_argument("--modules", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--eval-every", type=int, default=EVAL_EVERY)
     parser.add_argument("--eval-size", type=int, default=EVAL_SIZE)
     parser.add_argument("--train-size", type=int, default=None)
-    parser.add_argument("--target", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="TF/XLA threads")
     parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument(
-        "--sweep",
-        nargs="+",
-        type=float,
-        metavar="LR",
-        help="instead of the configurations, sweep the Baseline's learning rate",
-    )
     args = parser.parse_args(argv)
-    common = dict(
-        seed=args.seed,
+    if args.threads and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    if args.merge:
+        merge(args.out, args.merge, args.seeds, args.lr, not args.no_plot)
+        print((Path(args.out) / "results.md").read_text())
+        return 0
+    configs = args.configs if args.configs != [] else ()
+    if args.ablation is None:
+        ablation = ()
+    else:
+        ablation = args.ablation or None
+    result = protocol(
+        args.out,
+        args.seeds,
+        sweep_lrs=args.sweep,
+        baseline_lr=args.lr,
+        configs=configs,
+        ablation=ablation,
+        cap=args.cap,
+        window=args.window,
         width=args.width,
         modules=args.modules,
         batch_size=args.batch_size,
         eval_every=args.eval_every,
         eval_size=args.eval_size,
         train_size=args.train_size,
+        plot=not args.no_plot,
     )
-    if args.sweep:
-        rows = sweep(args.sweep, args.steps, args.out, **common)
-        best = max(rows, key=lambda r: r["best_accuracy"])
-        print(f"best baseline lr: {best['lr']} (accuracy {best['best_accuracy']})")
-    else:
-        rows = run(
-            args.steps,
-            args.out,
-            args.configs,
-            baseline_lr=args.lr,
-            target=args.target,
-            plot=not args.no_plot,
-            **common,
-        )
-    for row in rows:
-        print(row)
+    print(Path(result["results_md"]).read_text())
     return 0
 
 

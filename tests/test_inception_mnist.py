@@ -1,14 +1,19 @@
 """Tests for examples/inception_mnist.py and examples/inception_model.py.
 
-A tiny-budget run of every configuration (512 training images, width 16, one
-Inception module, 300 steps of 16 images) checks the output files and that
-the BN configurations learn.
+Pure helpers (plateau rule, stretched schedules, ablation configurations,
+seed aggregation) are tested on synthetic curves; one tiny protocol run
+(512 training images, width 4, one Inception module, two seeds, batches of
+16; a two-point sweep, the Baseline and one ablation arm: 5 runs) checks the
+driver end to end: resumable records, tables, figure.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import math
 
+import keras
 import numpy as np
 import pytest
 
@@ -16,24 +21,16 @@ from examples import inception_mnist as im
 from examples.inception_model import build_inception
 
 TINY = dict(
-    width=16,
+    width=4,
     modules=1,
     train_size=512,
     batch_size=16,
-    eval_every=100,
-    eval_size=500,
-    seed=0,
+    eval_every=20,
+    eval_size=300,
+    cap=120,  # plain configurations: 120 steps; fast-decay ones: 20
+    window=40,
 )
-TINY_STEPS = 300
-TINY_EVALS = [100, 200, 300]
-BN_CONFIGS = ["BN", "BN-x5", "BN-x30", "BN-x5-Sigmoid"]
-# Chance is 0.1 (the most frequent class in the 500 evaluation images holds
-# 13.4%); the untrained network scores 0.08-0.15 (seeds 0-2), and a broken
-# one that predicts a constant class at most 0.134. Measured best
-# accuracies of this tiny run (seeds 0 and 1, TensorFlow and JAX): 0.39-0.68
-# for the ReLU BN configurations, 0.28-0.35 for BN-x5-Sigmoid, whose sigmoid
-# features learn slowest. Each bar sits between chance and those minima.
-LEARNS = {"relu": 0.3, "sigmoid": 0.2}
+SEEDS = [0, 1]
 
 
 @pytest.fixture
@@ -47,74 +44,308 @@ def _read(path):
         return reader.fieldnames, list(reader)
 
 
+def _curve(accuracies, every=100):
+    return [dict(step=every * (i + 1), accuracy=a) for i, a in enumerate(accuracies)]
+
+
+# --- plateau rule -----------------------------------------------------------
+
+
+def test_standard_error():
+    assert im.standard_error(0.98, 5000) == pytest.approx(math.sqrt(0.98 * 0.02 / 5000))
+    assert im.standard_error(1.0, 10) == 0.0
+
+
+def test_rising_curve_never_plateaus(rng):
+    acc = np.linspace(0.5, 0.99, 60) + rng.uniform(-1e-4, 1e-4, 60)
+    curve = _curve(np.maximum.accumulate(acc))
+    assert not any(im.plateaued(curve[: i + 1], 1000, 5000) for i in range(60))
+
+
+def test_flat_curve_plateaus_after_one_window(rng):
+    se = im.standard_error(0.98, 5000)  # 0.002
+    acc = 0.98 + rng.uniform(-se, se / 2, size=40)  # noise below one SE
+    acc[:5] = [0.5, 0.8, 0.9, 0.95, 0.98]
+    curve = _curve(acc)
+    stops = [i for i in range(40) if im.plateaued(curve[: i + 1], 1000, 5000)]
+    # Step 500 holds 0.98; the window (1000 steps) after it ends at step 1500.
+    assert stops and curve[stops[0]]["step"] >= 1500
+    assert curve[stops[0]]["step"] <= 1500 + 1000  # noise can't hold it off long
+
+
+@pytest.mark.parametrize("gain_in_se, stops", [(0.5, True), (1.0, True), (1.5, False)])
+def test_plateau_threshold_is_one_standard_error(gain_in_se, stops):
+    ref = 0.95
+    late = ref + gain_in_se * im.standard_error(ref, 2000) - 1e-12 * (gain_in_se == 1)
+    curve = _curve([0.9, ref, ref - 0.01, late])  # steps 100..400
+    assert im.plateaued(curve, 200, 2000) is stops  # window: steps 300, 400
+
+
+def test_no_plateau_without_a_full_window():
+    curve = _curve([0.97, 0.97, 0.97])
+    assert not im.plateaued(curve, 300, 5000)  # nothing at step <= 0
+    assert im.plateaued(curve, 200, 5000)
+    assert not im.plateaued([], 200, 5000)
+
+
+# --- stretched schedules and budgets ---------------------------------------
+
+
+@pytest.mark.parametrize("name", list(im.ALL_CONFIGS))
+def test_schedule_is_stretched_to_the_budget(name):
+    cfg = im.ALL_CONFIGS[name]
+    cap = 12000
+    b = im.budget(cfg, cap)
+    assert b == (2000 if cfg.fast_decay else 12000)
+    schedule = im.make_schedule(cfg, 0.03, cap)
+    lr0 = 0.03 * cfg.lr_multiplier
+    for step in (0, b // 3, b, 2 * b):
+        got = float(keras.ops.convert_to_numpy(schedule(step)))
+        np.testing.assert_allclose(got, lr0 * 0.5 ** (step / b), rtol=1e-6)
+        np.testing.assert_allclose(
+            got, im.learning_rate(cfg, 0.03, cap, step), rtol=1e-6
+        )
+    # Halved exactly at the end of the configuration's own budget.
+    np.testing.assert_allclose(im.learning_rate(cfg, 0.03, cap, b), lr0 / 2)
+
+
+def test_config_lr_has_no_float_noise():
+    assert im.config_lr("BN-x30", 0.03) == 0.9
+    assert im.config_lr("BN-x5", 0.03) == 0.15
+
+
+# --- ablation configurations -----------------------------------------------
+
+
+def _differences(a, b):
+    return {
+        f.name
+        for f in dataclasses.fields(a)
+        if getattr(a, f.name) != getattr(b, f.name)
+    }
+
+
+def test_table2_configurations():
+    c = im.CONFIGS
+    assert _differences(c["Baseline"], c["BN"]) == {"batch_norm"}
+    accelerated = {"lr_multiplier", "dropout", "reduced_l2", "fast_decay"}
+    assert _differences(c["BN"], c["BN-x5"]) == accelerated
+    assert _differences(c["BN-x5"], c["BN-x30"]) == {"lr_multiplier"}
+    assert _differences(c["BN-x5"], c["BN-x5-Sigmoid"]) == {"activation"}
+    assert _differences(c["Baseline"], c["Baseline-Sigmoid"]) == {"activation"}
+    assert c["BN-x5"].lr_multiplier == 5 and c["BN-x30"].lr_multiplier == 30
+
+
+@pytest.mark.parametrize(
+    "arm, field, value",
+    [
+        ("BN-x5+dropout", "dropout", True),
+        ("BN-x5+L2", "reduced_l2", False),
+        ("BN-x5-slow-decay", "fast_decay", False),
+        ("BN-x5-same-batches", "reshuffle", False),
+    ],
+)
+def test_each_ablation_arm_switches_back_one_change(arm, field, value):
+    cfg = im.ABLATIONS[arm]
+    assert _differences(im.CONFIGS["BN-x5"], cfg) == {field}
+    assert getattr(cfg, field) == value
+    if field != "reshuffle":  # our BN and Baseline reshuffle every epoch too
+        assert value == getattr(im.CONFIGS["BN"], field)
+
+
+def test_lr_only_arm_is_bn_with_the_raised_lr():
+    cfg = im.ABLATIONS["BN-lr-x5-only"]
+    assert _differences(im.CONFIGS["BN"], cfg) == {"lr_multiplier"}
+    assert cfg.lr_multiplier == im.CONFIGS["BN-x5"].lr_multiplier
+
+
+@pytest.mark.parametrize("n, total", [(10, 10), (10, 35), (7, 3)])
+@pytest.mark.parametrize("reshuffle", [True, False])
+def test_data_order_is_seeded_permutations(n, total, reshuffle):
+    order = im._data_order(n, total, 3, reshuffle)
+    assert len(order) == total
+    np.testing.assert_array_equal(order, im._data_order(n, total, 3, reshuffle))
+    epochs = [order[s : s + n] for s in range(0, total - n + 1, n)]
+    for epoch in epochs:  # every full epoch is a permutation
+        assert sorted(epoch) == list(range(n))
+    if len(epochs) > 1:
+        same = all((e == epochs[0]).all() for e in epochs)
+        assert same is (not reshuffle)
+
+
+# --- seed aggregation -------------------------------------------------------
+
+
+def test_mean_sd():
+    assert im.mean_sd([1, 2, 3]) == (2.0, 1.0, 3)
+    assert im.mean_sd([500, "never", 700]) == (600.0, pytest.approx(141.42, 1e-4), 2)
+    assert im.mean_sd([4.0]) == (4.0, 0.0, 1)
+    mean, sd, n = im.mean_sd(["never"])
+    assert n == 0 and math.isnan(mean) and math.isnan(sd)
+
+
+def _fake_record(tmp_path, curves):
+    record = im.Record(tmp_path)
+    for (name, seed), acc in curves.items():
+        lr = im.config_lr(name, 0.03)
+        record.add("t", name, seed, lr, 100, _curve(acc), "plateau", 1.0)
+    return record
+
+
+def test_summarize_pairs_each_seed_with_its_baseline(tmp_path):
+    record = _fake_record(
+        tmp_path,
+        {
+            ("Baseline", 0): [0.5, 0.9, 0.92, 0.91],
+            ("Baseline", 1): [0.6, 0.95, 0.94, 0.94],
+            ("BN", 0): [0.8, 0.93, 0.96, 0.96],  # reaches 0.92 at step 200
+            ("BN", 1): [0.9, 0.94, 0.96, 0.97],  # reaches 0.95 at step 300
+            ("BN-x5", 0): [0.7, 0.91, 0.90, 0.9],  # never reaches 0.92
+            ("BN-x5", 1): [0.96, 0.97, 0.97, 0.97],  # reaches 0.95 at step 100
+        },
+    )
+    rows = {r["config"]: r for r in im.summarize(record, [0, 1], 0.03, im.CONFIGS)}
+    assert set(rows) == {"Baseline", "BN", "BN-x5"}
+    assert rows["Baseline"]["targets"] == [0.92, 0.95]
+    assert rows["Baseline"]["steps_to_baseline"] == [300, 200]
+    assert rows["BN"]["steps_to_baseline"] == [200, 300]
+    assert rows["BN"]["steps_mean_sd"] == (250.0, pytest.approx(70.71, 1e-3), 2)
+    assert rows["BN"]["best_mean_sd"][:2] == (
+        pytest.approx(0.965),
+        pytest.approx(np.std([0.96, 0.97], ddof=1)),
+    )
+    assert rows["BN-x5"]["steps_to_baseline"] == ["never", 100]
+    assert rows["BN-x5"]["reached"] == 1 and rows["BN-x5"]["lr"] == 0.15
+    assert im._steps_cell(rows["BN-x5"]) == "100 ± 0 (1/2 seeds)"
+    # The record round-trips through its CSV files (what a resumed run reads).
+    again = im.summarize(im.Record(tmp_path), [0, 1], 0.03, im.CONFIGS)
+    assert [r["steps_to_baseline"] for r in again] == [
+        r["steps_to_baseline"] for r in rows.values()
+    ]
+
+
+def test_summarize_without_a_baseline_says_na(tmp_path):
+    record = _fake_record(tmp_path, {("BN", 0): [0.5, 0.6]})
+    (row,) = im.summarize(record, [0], 0.03, ["Baseline", "BN"])
+    assert row["steps_to_baseline"] == ["n/a"] and im._steps_cell(row) == "n/a"
+
+
+def test_choose_lr():
+    runs = [
+        dict(lr="0.01", best_accuracy="0.97"),
+        dict(lr="0.03", best_accuracy="0.98"),
+    ]
+    assert im.choose_lr(runs) == 0.03
+    with pytest.raises(ValueError, match="No sweep runs"):
+        im.choose_lr([])
+
+
+# --- the driver, end to end (tiny) -----------------------------------------
+
+
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_protocol(tmp_path_factory):
     out = tmp_path_factory.mktemp("inception")
-    rows = im.run(TINY_STEPS, out, None, verbose=False, **TINY)
-    return out, rows
+    result = im.protocol(
+        out,
+        SEEDS,
+        sweep_lrs=[0.03, 0.1],
+        configs=["Baseline"],
+        ablation=["BN-x5-same-batches"],
+        verbose=False,
+        **TINY,
+    )
+    return out, result
 
 
-def test_results_csv_schema(tiny_run):
-    out, rows = tiny_run
-    columns, table = _read(out / "results.csv")
-    assert tuple(columns) == im.RESULT_COLUMNS
-    assert [r["config"] for r in table] == list(im.CONFIGS)
-    for r in table:
-        expected_lr = im.BASELINE_LR * im.CONFIGS[r["config"]].lr_multiplier
-        np.testing.assert_allclose(float(r["lr"]), expected_lr, rtol=1e-12)
-        assert 0.0 <= float(r["best_accuracy"]) <= 1.0
-        s = r["steps_to_baseline"]
-        assert s == "never" or int(s) in TINY_EVALS
-    assert [r["config"] for r in rows] == list(im.CONFIGS)
+def test_protocol_records_every_run(tiny_protocol):
+    out, result = tiny_protocol
+    columns, runs = _read(out / "runs.csv")
+    assert tuple(columns) == im.RUN_COLUMNS
+    lr = result["baseline_lr"]
+    assert lr in (0.03, 0.1)
+    expected = {("Baseline", s, lr) for s in SEEDS}
+    expected |= {("Baseline", 0, 0.03), ("Baseline", 0, 0.1)}
+    expected |= {("BN-x5-same-batches", s, 5 * lr) for s in SEEDS}
+    got = {(r["config"], int(r["seed"]), round(float(r["lr"]), 6)) for r in runs}
+    assert got == {(c, s, round(x, 6)) for c, s, x in expected}
+    assert len(runs) == 5  # the sweep's seed-0 run at the chosen lr is reused
+    for r in runs:
+        cfg = im.ALL_CONFIGS[r["config"]]
+        assert int(r["budget"]) == (20 if cfg.fast_decay else 120)
+        assert r["stop"] in ("plateau", "cap", "diverged")
+        if r["stop"] == "cap":
+            assert int(r["steps"]) == int(r["budget"])
+        else:
+            assert int(r["steps"]) <= int(r["budget"])
+    _, curves = _read(out / "curves.csv")
+    for r in runs:
+        steps = [
+            int(c["step"])
+            for c in curves
+            if (c["config"], c["seed"], c["lr"]) == (r["config"], r["seed"], r["lr"])
+        ]
+        assert steps == list(range(20, int(r["steps"]) + 1, 20))
 
 
-def test_curves_csv_and_png(tiny_run):
-    out, _ = tiny_run
-    columns, table = _read(out / "curves.csv")
-    assert tuple(columns) == im.CURVE_COLUMNS
-    for name in im.CONFIGS:
-        steps = [int(r["step"]) for r in table if r["config"] == name]
-        assert steps == TINY_EVALS, name
-    png = (out / "curves.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+def test_protocol_writes_tables_and_figure(tiny_protocol):
+    out, result = tiny_protocol
+    text = (out / "results.md").read_text()
+    for heading in ("learning-rate sweep", "Table 2", "ablation", "Per run"):
+        assert heading in text
+    assert "| BN-x5-same-batches |" in text
+    (base,) = [r for r in result["table"] if r["config"] == "Baseline"]
+    assert base["reached"] == len(SEEDS)  # a Baseline always reaches its best
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_baseline_reaches_its_own_best(tiny_run):
-    out, _ = tiny_run
-    _, table = _read(out / "curves.csv")
-    _, results = _read(out / "results.csv")
-    base = [r for r in table if r["config"] == "Baseline"]
-    best = max(base, key=lambda r: float(r["accuracy"]))
-    assert results[0]["steps_to_baseline"] == best["step"]
+def test_protocol_resumes_without_training_again(tiny_protocol, monkeypatch):
+    out, result = tiny_protocol
+    before = (out / "runs.csv").read_text()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("trained a run that was already recorded")
+
+    monkeypatch.setattr(im, "train_config", fail)
+    again = im.protocol(
+        out,
+        SEEDS,
+        sweep_lrs=[0.03, 0.1],
+        configs=["Baseline"],
+        ablation=["BN-x5-same-batches"],
+        verbose=False,
+        plot=False,
+        **TINY,
+    )
+    assert (out / "runs.csv").read_text() == before
+    assert again["baseline_lr"] == result["baseline_lr"]
 
 
-@pytest.mark.parametrize("name", BN_CONFIGS)
-def test_bn_configurations_learn(tiny_run, name):
-    _, rows = tiny_run
-    (row,) = [r for r in rows if r["config"] == name]
-    assert row["best_accuracy"] > LEARNS[im.CONFIGS[name].activation], row
-
-
-def test_untrained_model_fails_the_learning_threshold():
-    # The negative control for both bars: the same network before training.
-    import keras
-
-    _, (x_eval, y_eval) = im._load_data(TINY["train_size"], TINY["eval_size"])
-    keras.utils.set_random_seed(TINY["seed"])
-    model = build_inception(TINY["width"], modules=TINY["modules"])
+def test_untrained_model_is_near_chance():
+    _, (x_eval, y_eval) = im._load_data(512, 300)
+    keras.utils.set_random_seed(0)
+    model = build_inception(4, modules=1)
     probs = keras.ops.convert_to_numpy(model(x_eval, training=False))
-    assert np.mean(probs.argmax(axis=1) == y_eval) < min(LEARNS.values())
+    assert np.mean(probs.argmax(axis=1) == y_eval) < 0.2
+
+
+# --- argument checking ------------------------------------------------------
 
 
 @pytest.mark.parametrize("configs", [["Bogus"], ["BN", "bn-x5"], []])
 def test_unknown_configuration_is_rejected(tmp_path, configs):
     with pytest.raises(ValueError, match=r"configs.*'Baseline', 'BN'"):
-        im.run(10, tmp_path, configs, **TINY)
+        im.protocol(tmp_path, configs=configs, **TINY)
+
+
+def test_unknown_ablation_arm_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match=r"configs.*'BN-x5\+dropout'"):
+        im.protocol(tmp_path, ablation=["BN-x5"], **TINY)
 
 
 def test_cli_rejects_unknown_configuration(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        im.main(["--steps", "10", "--out", str(tmp_path), "--configs", "Bogus"])
+        im.main(["--out", str(tmp_path), "--configs", "Bogus"])
     assert exc.value.code == 2
     assert "invalid choice: 'Bogus'" in capsys.readouterr().err
 
@@ -122,16 +353,19 @@ def test_cli_rejects_unknown_configuration(tmp_path, capsys):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(steps=0), "steps"),
-        (dict(steps=10, eval_every=0), "eval_every"),
-        (dict(steps=10, baseline_lr=-0.1), "baseline_lr"),
-        (dict(steps=10, baseline_lr=float("nan")), "baseline_lr"),
-        (dict(steps=10, train_size=0), "train_size"),
+        (dict(cap=0), "cap"),
+        (dict(window=0), "window"),
+        (dict(eval_every=0), "eval_every"),
+        (dict(baseline_lr=-0.1), "baseline_lr"),
+        (dict(baseline_lr=float("nan")), "baseline_lr"),
+        (dict(sweep_lrs=[0.1, 0.0]), "sweep_lrs"),
+        (dict(train_size=0), "train_size"),
+        (dict(seeds=[0, 0]), "seeds"),
     ],
 )
-def test_run_rejects_bad_arguments(tmp_path, kwargs, match):
+def test_protocol_rejects_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        im.run(out=tmp_path, configs=["BN"], **kwargs)
+        im.protocol(tmp_path, configs=["BN"], **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -163,38 +397,3 @@ def test_build_inception_layout(batch_norm):
         import keras_bn
 
         assert all(isinstance(b, keras_bn.BatchNormalization) for b in bns)
-
-
-def test_steps_to_reach(rng):
-    acc = rng.uniform(0.1, 0.99, size=30)
-    curve = [dict(step=100 * (i + 1), accuracy=a) for i, a in enumerate(acc)]
-    target = float(np.sort(acc)[-5])  # reached, but not at the first point
-    first = int(np.argmax(acc >= target))
-    assert im.steps_to_reach(curve, target) == 100 * (first + 1)
-    assert im.steps_to_reach(curve, float(acc.max()) + 1e-3) == "never"
-    assert im.steps_to_reach(curve, None) == "n/a"
-
-
-@pytest.mark.parametrize("n, total", [(10, 10), (10, 35), (7, 3)])
-def test_data_order_is_seeded_permutations(n, total):
-    order = im._data_order(n, total, seed=3)
-    assert len(order) == total
-    np.testing.assert_array_equal(order, im._data_order(n, total, seed=3))
-    for start in range(0, total - n + 1, n):  # every full epoch is a permutation
-        assert sorted(order[start : start + n]) == list(range(n))
-
-
-def test_summarize_targets_the_baseline_best(rng):
-    steps = [100, 200, 300]
-    acc = {n: rng.uniform(0.5, 0.99, size=3) for n in ("Baseline", "BN-x30")}
-    curves = {
-        n: [dict(step=s, accuracy=float(a)) for s, a in zip(steps, v, strict=True)]
-        for n, v in acc.items()
-    }
-    rows, target = im.summarize(curves, 0.03)
-    assert target == float(acc["Baseline"].max())
-    assert rows[0]["steps_to_baseline"] == steps[int(acc["Baseline"].argmax())]
-    assert rows[1]["lr"] == 0.9  # 30 x 0.03, printed without float noise
-    assert rows[1]["best_accuracy"] == round(float(acc["BN-x30"].max()), 4)
-    rows, target = im.summarize({"BN-x30": curves["BN-x30"]}, 0.03)
-    assert target is None and rows[0]["steps_to_baseline"] == "n/a"

@@ -27,7 +27,7 @@ def test_csv_schema_and_learning(short_run):
     with open(short_run["metrics_csv"], newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    assert reader.fieldnames == ["step", "model", "test_accuracy", "p15", "p50", "p85"]
+    assert reader.fieldnames == list(mnist_sigmoid.COLUMNS)
     for name in mnist_sigmoid.MODELS:
         mine = [r for r in rows if r["model"] == name]
         assert [int(r["step"]) for r in mine] == [0, 100, 200, 300, 400]
@@ -104,3 +104,81 @@ def test_bad_arguments(tmp_path, steps, eval_every, match):
 )
 def test_default_eval_every(steps, expected):
     assert mnist_sigmoid._eval_every(steps) == expected
+
+
+def test_xhat_is_the_sigmoid_input_before_gamma_and_beta(short_run):
+    # In training mode the sigmoid input is gamma * x_hat + beta exactly, so its
+    # percentiles are the affine image of x-hat's (gamma > 0 here).
+    bn = [r for r in short_run["rows"] if r["model"] == "batchnorm"]
+    assert bn[0]["gamma"] == 1.0 and bn[0]["beta"] == 0.0  # initial values
+    for r in bn:
+        assert r["gamma"] > 0
+        for q in ("p15", "p50", "p85"):
+            np.testing.assert_allclose(
+                r[q], r["gamma"] * r[f"xhat_{q}"] + r["beta"], rtol=1e-4, atol=1e-5
+            )
+        assert r["xhat_p15"] < 0 < r["xhat_p85"]
+    base = [r for r in short_run["rows"] if r["model"] == "baseline"]
+    assert all(r[k] is None for r in base for k in mnist_sigmoid.NORMALIZED)
+
+
+def test_xhat_probe_leaves_training_unchanged(short_run):
+    # The probe runs BN in training mode and restores the moving statistics.
+    model = short_run["models"]["batchnorm"]
+    bn1 = model.get_layer("bn1")
+    before = keras.ops.convert_to_numpy(bn1.moving_mean).copy()
+    probe = mnist_sigmoid.NormalizedInput(np.ones((8, 784), "float32"), unit=0)
+    probe.set_model(model)
+    probe._record(0)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(bn1.moving_mean), before)
+
+
+def test_aggregate_over_seeds():
+    summaries = {
+        seed: {
+            "baseline": {k: seed + 1.0 for k, _, _ in mnist_sigmoid.SEED_STATS},
+            "batchnorm": {k: 2.0 * seed for k, _, _ in mnist_sigmoid.SEED_STATS},
+            "bn_reaches_baseline_final_at": reach,
+        }
+        for seed, reach in zip((0, 1, 2), (500, None, 1500), strict=True)
+    }
+    agg = mnist_sigmoid.aggregate(summaries)
+    assert agg["baseline"]["final_accuracy"] == (2.0, 1.0, 3)
+    assert agg["batchnorm"]["gamma_last"] == (2.0, 2.0, 3)
+    assert agg["bn_reaches_baseline_final_at"] == (
+        1000.0,
+        pytest.approx(707.107, 1e-5),
+        2,
+    )
+    assert agg["never"] == 1
+
+
+@pytest.fixture(scope="module")
+def seeds_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mnist_sigmoid_seeds")
+    return mnist_sigmoid.run_seeds(
+        (0, 1), steps=100, out=out, eval_every=50, verbose=False
+    )
+
+
+def test_run_seeds_outputs(seeds_run):
+    with open(seeds_run["metrics_csv"], newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == ["seed", *mnist_sigmoid.COLUMNS]
+    assert sorted({int(r["seed"]) for r in rows}) == [0, 1]
+    assert len(rows) == 2 * 2 * 3  # seeds x models x evaluations (0, 50, 100)
+    finals = [seeds_run["summaries"][s]["batchnorm"]["final_accuracy"] for s in (0, 1)]
+    mean, sd, n = seeds_run["aggregate"]["batchnorm"]["final_accuracy"]
+    assert n == 2 and mean == pytest.approx(np.mean(finals))
+    assert sd == pytest.approx(np.std(finals, ddof=1)) and sd > 0  # seeds differ
+    table = open(seeds_run["results_md"]).read()
+    assert f"{mean:.4f} ± {sd:.4f}" in table and "| seed |" in table
+    with open(seeds_run["figure"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("seeds", [(), (1, 1)])
+def test_run_seeds_rejects_bad_seeds(tmp_path, seeds):
+    with pytest.raises(ValueError, match="seeds"):
+        mnist_sigmoid.run_seeds(seeds, steps=100, out=tmp_path)

@@ -15,13 +15,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-#: Doctests that cannot pass as written, each with the fix its owner applies.
-_PENDING = {
-    "keras_bn.recalibrate.recalibrate": (
-        "`>>> print(report)` has no expected output; mark it `# doctest: +SKIP`"
-    ),
-}
-
 
 @pytest.fixture(autouse=True)
 def _doctest_names(request):
@@ -52,10 +45,3 @@ def _doctest_names(request):
         x_train=data,
         x_test=data,
     )
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        why = _PENDING.get(item.name)
-        if why is not None:
-            item.add_marker(pytest.mark.xfail(reason=why, strict=True))

@@ -182,8 +182,10 @@ def recalibrate(
 
     Example:
 
-    >>> report = keras_bn.recalibrate(model, x_train[:10000])
-    >>> print(report)
+    >>> report = keras_bn.recalibrate(model, x_train[:10000], verbose=0)
+    >>> print(report)  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
+    layer  count  mean gap  var gap
+    .../bn  64  ...
     """
     bns = _bn_layers(model)
     if steps is not None:

@@ -22,12 +22,12 @@ demo: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/codespell
 	KERAS_BACKEND=tensorflow $(PY) -m pytest -q
 	KERAS_BACKEND=jax $(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/codespell
 
 # The keras.applications conformance zoo (slow: about an hour on 2 cores).
 zoo: $(STAMP)

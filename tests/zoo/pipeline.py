@@ -4,7 +4,8 @@
 weights), randomizes every BN's statistics, then:
 
 1. `keras_bn.replace_batchnorm` -> inference parity with the original;
-2. one `fit` step under `jit_compile=True` (finite loss, statistics moved);
+2. one `fit` step under `jit_compile=True` (batch of 8, SGD 1e-3, MSE to
+   random targets; finite loss, statistics moved);
 3. `.keras` save and load -> the loaded model computes the same;
 4. `converters.fold_batchnorm` -> parity with the loaded model;
 5. `converters.export_onnx` -> ONNX Runtime parity (checked inside);
@@ -31,6 +32,8 @@ import keras
 import numpy as np
 
 RTOL = 1e-5  # max|a - b| / max|b| per output, every comparison
+FIT_BATCH = 8  # the fit step's batch (inference checks use `batch`)
+FIT_LR = 1e-3
 
 
 def randomize_bn(model, rng) -> int:
@@ -103,15 +106,32 @@ def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
     result["replace_parity"] = rel(ours(x, training=False), ref)
 
     def fit():
-        ours.compile(optimizer="sgd", loss="mse", jit_compile=True)
+        # A user's step: a batch of FIT_BATCH fresh inputs, SGD at 1e-3, MSE to
+        # random targets on the scale of the model's outputs. (Batch 2 at lr
+        # 0.01 to zero targets sent Keras's own BN to NaN on ResNet50.)
+        xs = rng.normal(size=(FIT_BATCH, *shape)).astype("float32")
+        out = ours(xs, training=False)
         y = keras.tree.map_structure(
-            lambda t: np.zeros(t.shape, "float32"), ours(x, training=False)
+            lambda t: (np.std(t) * rng.normal(size=t.shape) + np.mean(t)).astype(
+                "float32"
+            ),
+            keras.tree.map_structure(keras.ops.convert_to_numpy, out),
+        )
+        ours.compile(
+            optimizer=keras.optimizers.SGD(FIT_LR), loss="mse", jit_compile=True
         )
         before = [np.array(v) for v in ours.non_trainable_weights]
-        loss = ours.fit(x, y, batch_size=batch, epochs=1, verbose=0).history["loss"]
+        loss = ours.fit(xs, y, batch_size=FIT_BATCH, epochs=1, verbose=0).history[
+            "loss"
+        ]
         after = [np.array(v) for v in ours.non_trainable_weights]
         if not np.isfinite(loss[0]):
             raise FloatingPointError(f"loss {loss[0]}")
+        if not all(
+            np.isfinite(keras.ops.convert_to_numpy(t)).all()
+            for t in keras.tree.flatten(ours(x, training=False))
+        ):
+            raise FloatingPointError("outputs not finite after the step")
         moved = any(
             not np.array_equal(a, b) for a, b in zip(before, after, strict=True)
         )

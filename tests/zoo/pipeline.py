@@ -4,7 +4,7 @@
 weights), randomizes every BN's statistics, then:
 
 1. `keras_bn.replace_batchnorm` -> inference parity with the original;
-2. one `fit` step under `jit_compile=True` (batch of 8, SGD 1e-3, MSE to
+2. one `fit` step under `jit_compile=True` (batch of 8, SGD 1e-4, MSE to
    random targets; finite loss, statistics moved);
 3. `.keras` save and load -> the loaded model computes the same;
 4. `converters.fold_batchnorm` -> parity with the loaded model;
@@ -33,7 +33,7 @@ import numpy as np
 
 RTOL = 1e-5  # max|a - b| / max|b| per output, every comparison
 FIT_BATCH = 8  # the fit step's batch (inference checks use `batch`)
-FIT_LR = 1e-3
+FIT_LR = 1e-4  # 1e-3 blew up EfficientNetV2B0's outputs (max |y| 7e3)
 
 
 def randomize_bn(model, rng) -> int:
@@ -106,7 +106,7 @@ def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
     result["replace_parity"] = rel(ours(x, training=False), ref)
 
     def fit():
-        # A user's step: a batch of FIT_BATCH fresh inputs, SGD at 1e-3, MSE to
+        # A user's step: a batch of FIT_BATCH fresh inputs, SGD at FIT_LR, MSE to
         # random targets on the scale of the model's outputs. (Batch 2 at lr
         # 0.01 to zero targets sent Keras's own BN to NaN on ResNet50.)
         xs = rng.normal(size=(FIT_BATCH, *shape)).astype("float32")

@@ -2,7 +2,7 @@
 noise floor (TensorFlow backend).
 
     KERAS_BACKEND=tensorflow python -m tests.zoo.step_parity [--model ResNet50]
-                                        [--size 64] [--batch 8] [--lr 1e-3]
+                                        [--size 64] [--batch 8] [--lr 1e-4]
 
 Builds a keras.applications model (random weights, randomized BN statistics),
 and from the same weights takes the zoo's fit step (SGD, MSE to random targets
@@ -23,7 +23,7 @@ import sys
 import keras
 import numpy as np
 
-from tests.zoo.pipeline import randomize_bn
+from tests.zoo.pipeline import FIT_LR, randomize_bn
 
 
 def _step(model, x, y, lr, jit):
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="ResNet50")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=FIT_LR)
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
     original = getattr(keras.applications, args.model)(

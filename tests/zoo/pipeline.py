@@ -77,11 +77,17 @@ def _stage(result, name, fn):
         result.setdefault("seconds", {})[name] = round(time.perf_counter() - t, 1)
 
 
-def _cli(*args) -> int:
+def _cli(result, *args) -> int | str:
+    """The command's exit status; "raised" (message kept) if it raised."""
     from converters.cli import main
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        return main([str(a) for a in args])
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return main([str(a) for a in args])
+    except Exception as e:  # noqa: BLE001 - the CLI should have exited 1 or 2
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        result[f"cli_{args[0]}_error"] = f"{type(e).__name__}: {first}"
+        return "raised"
 
 
 def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
@@ -162,7 +168,7 @@ def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
             result["fold_parity"] = rel(model(x, training=False), now)
             result["folded"], result["kept"] = report.num_folded, report.num_kept
 
-        result["cli_inspect"] = _cli("inspect", keras_path)
+        result["cli_inspect"] = _cli(result, "inspect", keras_path)
         if keras.backend.backend() != "tensorflow":
             return result  # ONNX export: TensorFlow only
         onnx_path = os.path.join(tmp, "model.onnx")
@@ -174,7 +180,13 @@ def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
             result["nodes"] = sum(export.nodes.values())
             result["bn_nodes_left"] = export.nodes.get("BatchNormalization", 0)
         result["cli_export"] = _cli(
-            "export", keras_path, "-o", os.path.join(tmp, "cli.onnx"), "--samples", 2
+            result,
+            "export",
+            keras_path,
+            "-o",
+            os.path.join(tmp, "cli.onnx"),
+            "--samples",
+            2,
         )
         if measure and export is not None:
             _stage(

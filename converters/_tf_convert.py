@@ -54,10 +54,9 @@ def _erfc(ctx, node, name, args):
     dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
     node.type = "Erf"
     one = ctx.make_const(utils.make_name(f"{name}_one"), np.array(1, dtype))
-    ctx.insert_new_node_on_output(
+    sub = ctx.insert_new_node_on_output(
         "Sub", node.output[0], name=utils.make_name(f"{name}_sub")
     )
-    sub = ctx.find_output_consumers(node.output[0])[0]
     ctx.replace_inputs(sub, [one.output[0], node.output[0]])
     return sub
 

@@ -10,6 +10,10 @@ for. Here the function is frozen first (variables and captured constants
 become graph constants), those functions are made inlinable, and only the
 model's own inputs are given to tf2onnx, which then emits a grouped ONNX
 `Conv` and constant-folds the preprocessing.
+
+tf2onnx 1.17 has no handler for TensorFlow's `Erfc`, which `tf.nn.gelu`
+(exact GELU: Keras's "gelu" activation, ConvNeXt) emits; `_erfc` converts it
+as ONNX `1 - Erf(x)`.
 """
 
 from __future__ import annotations
@@ -40,6 +44,21 @@ def signature_of(model, input_signature=None) -> list:
         name = getattr(x, "name", None) or f"input_{i}"
         specs.append(tf.TensorSpec((None, *x.shape[1:]), x.dtype, name=name))
     return specs
+
+
+def _erfc(ctx, node, name, args):
+    """tf2onnx handler: TensorFlow `Erfc(x)` as ONNX `Sub(1, Erf(x))`."""
+    import numpy as np
+    from tf2onnx import utils
+
+    dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
+    node.type = "Erf"
+    one = ctx.make_const(utils.make_name(f"{name}_one"), np.array(1, dtype))
+    sub = ctx.insert_new_node_on_output(
+        "Sub", node.output[0], name=utils.make_name(f"{name}_sub")
+    )
+    ctx.replace_inputs(sub, [one.output[0], node.output[0]])
+    return sub
 
 
 def to_onnx(model, signature: list, opset: int):
@@ -82,5 +101,6 @@ def to_onnx(model, signature: list, opset: int):
             output_names=output_names,
             opset=opset,
             tensors_to_rename=rename,
+            custom_op_handlers={"Erfc": (_erfc, [])},
         )
     return proto

@@ -187,6 +187,27 @@ def test_grouped_conv_exports_as_one_grouped_conv(rng, tmp_path):
     assert "Mul" not in report.nodes  # the BN went into the grouped kernel
 
 
+@TF_ONLY
+def test_exact_gelu_exports(rng, tmp_path):
+    # Exact GELU is TensorFlow's Erfc, which tf2onnx 1.17 cannot convert by
+    # itself (ConvNeXt); it must become ONNX Erf, with parity in the tails.
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 3)),
+            L.Conv2D(8, 1, use_bias=False),
+            keras_bn.BatchNormalization(),
+            L.Activation("gelu"),  # keras.activations.gelu: approximate=False
+            L.Dense(4),
+        ]
+    )
+    randomize_bn(model, rng)
+    x = 4.0 * rng.normal(size=(4, 6, 6, 3)).astype("float32")
+    report = export_onnx(model, tmp_path / "m.onnx", inputs=[x])
+    assert report.max_rel_error <= RTOL
+    assert "Erfc" not in report.nodes
+    assert "Erf" in report.nodes
+
+
 class SubclassedNet(keras.Model):
     def __init__(self):
         super().__init__()

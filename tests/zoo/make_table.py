@@ -109,8 +109,10 @@ def _render(results: dict, wall: float, note: str) -> str:
         "",
         "Per model (random weights, randomized BN statistics, batch of 2): "
         "`replace_batchnorm` (parity vs the original), one `fit` step with "
-        "`jit_compile=True`, `.keras` save/load, `fold_batchnorm` (parity vs the "
-        "loaded model), `export_onnx` (ONNX Runtime parity vs Keras), "
+        "`jit_compile=True` (8 fresh inputs, SGD 1e-4, MSE to random targets on "
+        "the outputs' scale; finite loss and outputs), `.keras` save/load, "
+        "`fold_batchnorm` (parity vs the loaded model), `export_onnx` (ONNX "
+        "Runtime parity vs Keras), "
         "`keras-bn inspect` and `keras-bn export` (exit status). Parity is "
         "`max|a - b| / max|b|`, tolerance 1e-5.",
         "",

@@ -4,7 +4,8 @@
 weights), randomizes every BN's statistics, then:
 
 1. `keras_bn.replace_batchnorm` -> inference parity with the original;
-2. one `fit` step under `jit_compile=True` (finite loss, statistics moved);
+2. one `fit` step under `jit_compile=True` (batch of 8, SGD 1e-4, MSE to
+   random targets; finite loss, statistics moved);
 3. `.keras` save and load -> the loaded model computes the same;
 4. `converters.fold_batchnorm` -> parity with the loaded model;
 5. `converters.export_onnx` -> ONNX Runtime parity (checked inside);
@@ -31,6 +32,8 @@ import keras
 import numpy as np
 
 RTOL = 1e-5  # max|a - b| / max|b| per output, every comparison
+FIT_BATCH = 8  # the fit step's batch (inference checks use `batch`)
+FIT_LR = 1e-4  # 1e-3 blew up EfficientNetV2B0's outputs (max |y| 7e3)
 
 
 def randomize_bn(model, rng) -> int:
@@ -74,11 +77,17 @@ def _stage(result, name, fn):
         result.setdefault("seconds", {})[name] = round(time.perf_counter() - t, 1)
 
 
-def _cli(*args) -> int:
+def _cli(result, *args) -> int | str:
+    """The command's exit status; "raised" (message kept) if it raised."""
     from converters.cli import main
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        return main([str(a) for a in args])
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return main([str(a) for a in args])
+    except Exception as e:  # noqa: BLE001 - the CLI should have exited 1 or 2
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        result[f"cli_{args[0]}_error"] = f"{type(e).__name__}: {first}"
+        return "raised"
 
 
 def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
@@ -103,15 +112,32 @@ def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
     result["replace_parity"] = rel(ours(x, training=False), ref)
 
     def fit():
-        ours.compile(optimizer="sgd", loss="mse", jit_compile=True)
+        # A user's step: a batch of FIT_BATCH fresh inputs, SGD at FIT_LR, MSE to
+        # random targets on the scale of the model's outputs. (Batch 2 at lr
+        # 0.01 to zero targets sent Keras's own BN to NaN on ResNet50.)
+        xs = rng.normal(size=(FIT_BATCH, *shape)).astype("float32")
+        out = ours(xs, training=False)
         y = keras.tree.map_structure(
-            lambda t: np.zeros(t.shape, "float32"), ours(x, training=False)
+            lambda t: (np.std(t) * rng.normal(size=t.shape) + np.mean(t)).astype(
+                "float32"
+            ),
+            keras.tree.map_structure(keras.ops.convert_to_numpy, out),
+        )
+        ours.compile(
+            optimizer=keras.optimizers.SGD(FIT_LR), loss="mse", jit_compile=True
         )
         before = [np.array(v) for v in ours.non_trainable_weights]
-        loss = ours.fit(x, y, batch_size=batch, epochs=1, verbose=0).history["loss"]
+        loss = ours.fit(xs, y, batch_size=FIT_BATCH, epochs=1, verbose=0).history[
+            "loss"
+        ]
         after = [np.array(v) for v in ours.non_trainable_weights]
         if not np.isfinite(loss[0]):
             raise FloatingPointError(f"loss {loss[0]}")
+        if not all(
+            np.isfinite(keras.ops.convert_to_numpy(t)).all()
+            for t in keras.tree.flatten(ours(x, training=False))
+        ):
+            raise FloatingPointError("outputs not finite after the step")
         moved = any(
             not np.array_equal(a, b) for a, b in zip(before, after, strict=True)
         )
@@ -142,7 +168,7 @@ def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
             result["fold_parity"] = rel(model(x, training=False), now)
             result["folded"], result["kept"] = report.num_folded, report.num_kept
 
-        result["cli_inspect"] = _cli("inspect", keras_path)
+        result["cli_inspect"] = _cli(result, "inspect", keras_path)
         if keras.backend.backend() != "tensorflow":
             return result  # ONNX export: TensorFlow only
         onnx_path = os.path.join(tmp, "model.onnx")
@@ -154,7 +180,13 @@ def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
             result["nodes"] = sum(export.nodes.values())
             result["bn_nodes_left"] = export.nodes.get("BatchNormalization", 0)
         result["cli_export"] = _cli(
-            "export", keras_path, "-o", os.path.join(tmp, "cli.onnx"), "--samples", 2
+            result,
+            "export",
+            keras_path,
+            "-o",
+            os.path.join(tmp, "cli.onnx"),
+            "--samples",
+            2,
         )
         if measure and export is not None:
             _stage(

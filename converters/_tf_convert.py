@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import keras
 
-from converters import _keras_graph
 from converters._deps import require
+from keras_bn import _keras_graph
 
 # Function attributes that stop TensorFlow's graph optimizer from inlining.
 _NO_INLINE = ("_noinline", "_XlaMustCompile", "_XlaCompile")

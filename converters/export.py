@@ -10,13 +10,13 @@ import time
 import keras
 import numpy as np
 
-from converters import _keras_graph
 from converters._deps import require, require_tensorflow_backend
 from converters._io import atomic_write_bytes, check_output_path
 from converters._tf_convert import signature_of, to_onnx
 from converters.bench import interleaved_latency_ms
 from converters.fold_keras import fold_batchnorm
 from converters.report import FoldReport
+from keras_bn import _keras_graph
 
 
 class ParityError(RuntimeError):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from converters import _keras_graph
-from converters._keras_graph import Graph as _Graph
 from converters.affine import ChannelAffine
 from converters.fold_math import bn_scale_shift, fold_weights
 from converters.report import (
@@ -17,6 +15,8 @@ from converters.report import (
     FoldRecord,
     FoldReport,
 )
+from keras_bn import _keras_graph
+from keras_bn._keras_graph import Graph as _Graph
 
 L = keras.layers
 _DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)

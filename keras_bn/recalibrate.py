@@ -18,6 +18,8 @@ import warnings
 import keras
 import numpy as np
 
+from keras_bn import _keras_graph
+
 __all__ = ["LayerRecalibration", "RecalibrationReport", "recalibrate"]
 
 
@@ -268,7 +270,7 @@ def _bn_layers(model) -> list:
         raise TypeError(
             f"Argument `model` must be a Keras model. Received: {type(model).__name__}"
         )
-    layers = [model, *model._flatten_layers(include_self=False, recursive=True)]
+    layers = [model, *_keras_graph.sublayers(model)]
     bns = [
         layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)
     ]

@@ -7,7 +7,7 @@ import warnings
 
 import keras
 
-from converters import _keras_graph
+from keras_bn import _keras_graph
 from keras_bn.batch_normalization import BatchNormalization
 
 # Wrappers whose config holds the wrapped layer(s) under these keys.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import keras_bn
-from converters._keras_graph import sublayers
+from keras_bn._keras_graph import sublayers
 from keras_bn.replace import to_keras_batchnorm
 from tests import harness as h
 

@@ -38,7 +38,7 @@ FIT_LR = 1e-4  # 1e-3 blew up EfficientNetV2B0's outputs (max |y| 7e3)
 
 def randomize_bn(model, rng) -> int:
     """Non-trivial BN statistics and affine parameters; returns the BN count."""
-    from converters._keras_graph import sublayers
+    from keras_bn._keras_graph import sublayers
 
     n = 0
     for layer in sublayers(model):

@@ -4,7 +4,9 @@ Keras 3 has no public way to walk a Functional graph node by node, to read a
 model's nested input structure, or to list a layer's sublayers. The folding
 and replacing code needs all three, so they live here: a Keras upgrade that
 renames `_nodes_by_depth`, `_inbound_nodes`, `_keras_history`,
-`_inputs_struct` or `_flatten_layers` touches this file only.
+`_inputs_struct` or `_flatten_layers` touches this file only. (The one
+other private name the package reads is the JAX trainer's `_jax_state`, in
+`keras_bn/backend/jax.py`, where backend code belongs.)
 """
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ EVAL_SIZE = 5000
 WIDTH = 16
 CAP = 12000
 WINDOW = 3000
+SMOOTH = 4  # evaluations averaged (trailing) before any comparison
 RUN_COLUMNS = (
     "phase",
     "config",
@@ -83,6 +84,8 @@ RUN_COLUMNS = (
     "stop",
     "best_accuracy",
     "best_step",
+    "best_single",
+    "smooth",
     "wall_s",
 )
 CURVE_COLUMNS = ("config", "seed", "lr", "step", "accuracy", "train_loss", "elapsed_s")
@@ -202,16 +205,35 @@ def standard_error(accuracy: float, n: int) -> float:
     return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / n)
 
 
-def plateaued(curve: list[dict], window: int, eval_size: int) -> bool:
+def smoothed(curve: list[dict], smooth: int = 1) -> list[dict]:
+    """The curve with each accuracy replaced by the trailing mean of `smooth` evals.
+
+    The first `smooth - 1` points average what exists so far. With `smooth=1`
+    the curve is returned unchanged. Smoothing removes the step-to-step jitter
+    of training (1-7 points for a Baseline at a high learning rate) that the
+    test set's standard error does not cover, so that a single lucky
+    evaluation neither sets a target nor holds off a plateau.
+    """
+    smooth = _positive_int("smooth", smooth)
+    accs = [p["accuracy"] for p in curve]
+    return [
+        {**p, "accuracy": float(np.mean(accs[max(0, i + 1 - smooth) : i + 1]))}
+        for i, p in enumerate(curve)
+    ]
+
+
+def plateaued(curve: list[dict], window: int, eval_size: int, smooth: int = 1) -> bool:
     """True if the last `window` steps brought no improvement above one SE.
 
-    With `last` the step of the latest evaluation, `ref` the best accuracy at
-    steps `<= last - window` and `recent` the best at steps `> last - window`:
+    On the `smoothed(curve, smooth)` accuracies, with `last` the step of the
+    latest evaluation, `ref` the best accuracy at steps `<= last - window` and
+    `recent` the best at steps `> last - window`:
     `recent <= ref + standard_error(ref, eval_size)`. False while fewer than
     `window` steps lie after the first evaluation.
     """
     if not curve:
         return False
+    curve = smoothed(curve, smooth)
     last = curve[-1]["step"]
     before = [p["accuracy"] for p in curve if p["step"] <= last - window]
     recent = [p["accuracy"] for p in curve if p["step"] > last - window]
@@ -253,6 +275,7 @@ def train_config(
     batch_size: int = BATCH_SIZE,
     eval_every: int = EVAL_EVERY,
     window: int = WINDOW,
+    smooth: int = SMOOTH,
     verbose: bool = True,
 ) -> tuple[list[dict], str]:
     """Trains one configuration until it plateaus or reaches its budget.
@@ -315,7 +338,7 @@ def train_config(
         if not math.isfinite(loss):
             stop = "diverged"
             break
-        if plateaued(curve, window, len(x_eval)):
+        if plateaued(curve, window, len(x_eval), smooth):
             stop = "plateau"
             break
     return curve, stop
@@ -360,11 +383,23 @@ def _key(config, seed, lr) -> tuple[str, int, float]:
 
 
 class Record:
-    """The protocol's runs and curves, read from and written to `out`."""
+    """The protocol's runs and curves, read from and written to `out`.
 
-    def __init__(self, out: Path):
+    A run's `best_accuracy`/`best_step` are those of its curve smoothed over
+    `smooth` evaluations (`smoothed`); `best_single` is its best single one.
+    """
+
+    def __init__(self, out: Path, smooth: int = SMOOTH):
         self.out = out
+        self.smooth = _positive_int("smooth", smooth)
         self.runs = _read_csv(out / "runs.csv")
+        other = {r.get("smooth") or "1" for r in self.runs} - {str(self.smooth)}
+        if other:
+            raise ValueError(
+                f"{out / 'runs.csv'} holds runs smoothed over {sorted(other)} "
+                f"evaluations. Received: smooth={smooth}. Pass the same `--smooth` "
+                "to resume or merge, or use a new output folder."
+            )
         self.curves = {}
         for row in _read_csv(out / "curves.csv"):
             key = _key(row["config"], row["seed"], row["lr"])
@@ -380,7 +415,7 @@ class Record:
         return None
 
     def add(self, phase, config, seed, lr, budget_, curve, stop, wall_s) -> dict:
-        best = max(curve, key=lambda p: p["accuracy"])
+        best = max(smoothed(curve, self.smooth), key=lambda p: p["accuracy"])
         run = dict(
             phase=phase,
             config=config,
@@ -391,6 +426,8 @@ class Record:
             stop=stop,
             best_accuracy=best["accuracy"],
             best_step=best["step"],
+            best_single=max(p["accuracy"] for p in curve),
+            smooth=self.smooth,
             wall_s=round(wall_s, 1),
         )
         self.runs.append(run)
@@ -432,7 +469,7 @@ def summarize(record: Record, seeds, baseline_lr: float, names) -> list[dict]:
                 continue
             base = record.find("Baseline", seed, baseline_lr)
             target = None if base is None else float(base["best_accuracy"])
-            curve = record.curves[_key(name, seed, lr)]
+            curve = smoothed(record.curves[_key(name, seed, lr)], record.smooth)
             per_seed.append(
                 dict(
                     seed=seed,
@@ -499,6 +536,9 @@ def results_markdown(record: Record, settings: dict) -> str:
     base = summarize(record, seeds, lr0, ["Baseline"])
     lines += [
         "### Table 2 (mean ± sd over seeds; steps to each seed's Baseline best)",
+        "",
+        f"Accuracies are trailing means of {record.smooth} evaluations "
+        "(`--smooth`); `best_single` in runs.csv is the best single one.",
         "",
         "| configuration | paper: lr | paper: steps to 72.2% | paper: max acc. "
         "| ours: lr | budget (cap) | ours: steps to Baseline best "
@@ -586,6 +626,7 @@ def plot_curves(record: Record, baseline_lr: float, path) -> None:
             runs = [(k, c) for k, c in record.curves.items() if k[0] == name]
             runs = [(k, c) for k, c in runs if math.isclose(k[2], lr)]
             for j, (_, curve) in enumerate(sorted(runs, key=lambda kc: kc[0])):
+                curve = smoothed(curve, record.smooth)
                 ax.plot(
                     [p["step"] for p in curve],
                     [p["accuracy"] for p in curve],
@@ -599,7 +640,11 @@ def plot_curves(record: Record, baseline_lr: float, path) -> None:
         ax.set_ylim(*ylim)
         ax.set_xlabel("training step")
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"{title} (dotted: Baseline bests; one line per seed)")
+        ax.set_title(
+            f"{title}\n(mean of {record.smooth} evaluations; dotted: Baseline "
+            "bests; a line per seed)",
+            fontsize=9,
+        )
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower right", fontsize=8)
@@ -608,15 +653,22 @@ def plot_curves(record: Record, baseline_lr: float, path) -> None:
     plt.close(fig)
 
 
-def merge(out, others: Sequence, seeds, baseline_lr: float, plot: bool = True):
+def merge(
+    out,
+    others: Sequence,
+    seeds,
+    baseline_lr: float,
+    plot: bool = True,
+    smooth: int = SMOOTH,
+):
     """Adds the runs recorded in `others` to `out` (runs already there win).
 
     Lets independent processes (e.g. the ablation arms) write their own
     folders, merged afterwards; then rewrites `out`'s tables and figure.
     """
-    record = Record(Path(out))
+    record = Record(Path(out), smooth)
     for other in others:
-        theirs = Record(Path(other))
+        theirs = Record(Path(other), smooth)
         for run in theirs.runs:
             if record.find(run["config"], run["seed"], run["lr"]) is None:
                 key = _key(run["config"], run["seed"], run["lr"])
@@ -647,6 +699,7 @@ def protocol(
     ablation: Sequence[str] | None = (),
     cap: int = CAP,
     window: int = WINDOW,
+    smooth: int = SMOOTH,
     width: int = WIDTH,
     modules: int = 2,
     batch_size: int = BATCH_SIZE,
@@ -671,6 +724,9 @@ def protocol(
         cap: Step cap and decay length of plain configurations (fast-decay
             ones: `cap // 6`).
         window: Plateau window in steps (see `plateaued`).
+        smooth: Evaluations averaged (trailing mean, `smoothed`) for the
+            plateau rule, each run's best accuracy, the Baseline targets and
+            steps to reach them.
         width, modules: Network size (`build_inception`).
         batch_size: Training mini-batch size.
         eval_every: Evaluate every this many steps.
@@ -705,7 +761,7 @@ def protocol(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = _load_data(train_size, eval_size)
-    record = Record(out)
+    record = Record(out, smooth)
     common = dict(
         cap=cap,
         width=width,
@@ -713,6 +769,7 @@ def protocol(
         batch_size=batch_size,
         eval_every=eval_every,
         window=window,
+        smooth=smooth,
         verbose=verbose,
     )
 
@@ -793,6 +850,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--cap", type=int, default=CAP)
     parser.add_argument("--window", type=int, default=WINDOW)
+    parser.add_argument(
+        "--smooth", type=int, default=SMOOTH, help="evaluations averaged"
+    )
     parser.add_argument("--width", type=int, default=WIDTH)
     parser.add_argument("--modules", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
@@ -808,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     if args.merge:
-        merge(args.out, args.merge, args.seeds, args.lr, not args.no_plot)
+        merge(args.out, args.merge, args.seeds, args.lr, not args.no_plot, args.smooth)
         print((Path(args.out) / "results.md").read_text())
         return 0
     configs = args.configs if args.configs != [] else ()
@@ -825,6 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ablation=ablation,
         cap=args.cap,
         window=args.window,
+        smooth=args.smooth,
         width=args.width,
         modules=args.modules,
         batch_size=args.batch_size,

@@ -88,6 +88,46 @@ def test_no_plateau_without_a_full_window():
     assert not im.plateaued([], 200, 5000)
 
 
+def test_smoothed_is_a_trailing_mean():
+    curve = _curve([0.5, 0.7, 0.9, 0.7, 0.5])
+    got = [p["accuracy"] for p in im.smoothed(curve, 3)]
+    np.testing.assert_allclose(got, [0.5, 0.6, 0.7, 23 / 30, 0.7], rtol=1e-12)
+    assert [p["step"] for p in im.smoothed(curve, 3)] == [100, 200, 300, 400, 500]
+    assert im.smoothed(curve, 1) == curve
+    assert curve[1]["accuracy"] == 0.7  # input not modified
+    with pytest.raises(ValueError, match="`smooth` must be a positive integer"):
+        im.smoothed(curve, 0)
+
+
+def test_smoothing_ignores_a_single_lucky_evaluation():
+    # Flat at 0.95 but for one evaluation 1 point up (over 3 SE at n=5000):
+    # alone it holds off the plateau; averaged over 4 it adds 0.25 points.
+    se = im.standard_error(0.95, 5000)
+    assert 0.0025 < se < 0.01 / 3
+    curve = _curve([0.9, 0.95, 0.95, 0.95, 0.95, 0.95, 0.96, 0.95])
+    assert not im.plateaued(curve, 300, 5000)
+    assert im.plateaued(curve, 300, 5000, smooth=4)
+    # A real rise is not smoothed away: +1 point held for 4 evaluations.
+    rising = _curve([0.9, 0.95, 0.95, 0.95, 0.95, 0.96, 0.96, 0.96, 0.96])
+    assert not im.plateaued(rising, 400, 5000, smooth=4)
+
+
+def test_record_targets_are_smoothed(tmp_path):
+    record = _fake_record(
+        tmp_path,
+        {
+            ("Baseline", 0): [0.90, 0.90, 0.90, 0.99, 0.90],  # smoothed best: 0.9225
+            ("BN", 0): [0.90, 0.93, 0.93, 0.94],  # smoothed: .9, .915, .92, .925
+        },
+        smooth=4,
+    )
+    base = record.find("Baseline", 0, 0.03)
+    assert float(base["best_accuracy"]) == pytest.approx(0.9225)
+    assert float(base["best_single"]) == 0.99 and int(base["smooth"]) == 4
+    rows = {r["config"]: r for r in im.summarize(record, [0], 0.03, im.CONFIGS)}
+    assert rows["BN"]["steps_to_baseline"] == [400]  # 0.99 alone is not the target
+
+
 # --- stretched schedules and budgets ---------------------------------------
 
 
@@ -184,8 +224,8 @@ def test_mean_sd():
     assert n == 0 and math.isnan(mean) and math.isnan(sd)
 
 
-def _fake_record(tmp_path, curves):
-    record = im.Record(tmp_path)
+def _fake_record(tmp_path, curves, smooth=1):
+    record = im.Record(tmp_path, smooth)
     for (name, seed), acc in curves.items():
         lr = im.config_lr(name, 0.03)
         record.add("t", name, seed, lr, 100, _curve(acc), "plateau", 1.0)
@@ -218,7 +258,9 @@ def test_summarize_pairs_each_seed_with_its_baseline(tmp_path):
     assert rows["BN-x5"]["reached"] == 1 and rows["BN-x5"]["lr"] == 0.15
     assert im._steps_cell(rows["BN-x5"]) == "100 ± 0 (1/2 seeds)"
     # The record round-trips through its CSV files (what a resumed run reads).
-    again = im.summarize(im.Record(tmp_path), [0, 1], 0.03, im.CONFIGS)
+    again = im.summarize(im.Record(tmp_path, 1), [0, 1], 0.03, im.CONFIGS)
+    with pytest.raises(ValueError, match=r"smoothed over \['1'\].*smooth=4"):
+        im.Record(tmp_path, 4)
     assert [r["steps_to_baseline"] for r in again] == [
         r["steps_to_baseline"] for r in rows.values()
     ]

@@ -312,8 +312,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 "The mask must have one dimension less than the inputs. Received: "
                 f"mask.shape={mask.shape}, inputs.shape={inputs.shape}"
             )
-        axis = self._channel_axis
-        gamma, beta = self._affine()
         if not (training and self.trainable):
             # The very ops Keras's own BatchNormalization emits in inference
             # (float32 math, `ops.batch_normalization` on the moving statistics)
@@ -325,13 +323,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 x,
                 mean=ops.cast(self.moving_mean, dtype),
                 variance=ops.cast(self.moving_variance, dtype),
-                axis=axis,
+                axis=self.axis,  # as given, like Keras: -1 adds no Reshape
                 offset=ops.cast(self.beta, dtype) if self.center else None,
                 scale=ops.cast(self.gamma, dtype) if self.scale else None,
                 epsilon=self.epsilon,
             )
             return ops.cast(y, self.compute_dtype)
 
+        gamma, beta = self._affine()
         if self.virtual_batch_size is not None:
             self._check_ghost_batch(inputs)
         weights = None

@@ -108,3 +108,60 @@ def interleaved_latency_ms(
             sessions[k].run(None, feeds[k])
             times[k].append(time.perf_counter() - t)
     return [1e3 * float(np.median(t)) for t in times]
+
+
+def blocked_latency_ms(make_sessions, feeds, *, blocks=6, rounds=50, warmup=5, seed=0):
+    """Per-call latencies (ms) of several ONNX Runtime sessions, interleaved.
+
+    A session's speed depends on where its buffers landed, not only on its
+    graph: the same file can time 10-20% apart in two sessions of one process.
+    So the sessions are made afresh `blocks` times, in a random order each
+    time (`make_sessions(order)` returns them in `order`'s order); in each
+    block every session gets `warmup` untimed calls, then `rounds` rounds in
+    which each runs once, in a random order.
+
+    Returns:
+        An array of shape `(blocks, rounds, len(feeds))`, milliseconds.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(feeds)
+    times = np.empty((blocks, rounds, n))
+    for b in range(blocks):
+        order = rng.permutation(n)
+        made = make_sessions(list(order))
+        sessions = [None] * n
+        for k, s in zip(order, made, strict=True):
+            sessions[k] = s
+        for s, f in zip(sessions, feeds, strict=True):
+            for _ in range(warmup):
+                s.run(None, f)
+        for r in range(rounds):
+            for k in rng.permutation(n):
+                t = time.perf_counter()
+                sessions[k].run(None, feeds[k])
+                times[b, r, k] = 1e3 * (time.perf_counter() - t)
+        del made, sessions
+    return times
+
+
+def median_ratio(num, den, *, resamples=2000, seed=0) -> tuple[float, float, float]:
+    """Median of the paired ratios `num / den`, with a bootstrap 95% interval.
+
+    `num` and `den` are per-call times of shape `(blocks, rounds)`, paired
+    call by call (same block, same round). The interval resamples blocks,
+    then rounds within each block (a cluster bootstrap: calls of one block
+    share their sessions' luck, so rounds alone would understate the noise).
+
+    Returns:
+        `(median, low, high)`.
+    """
+    ratios = np.asarray(num, np.float64) / np.asarray(den, np.float64)
+    blocks, rounds = ratios.shape
+    rng = np.random.default_rng(seed)
+    stats = np.empty(resamples)
+    for i in range(resamples):
+        pick = ratios[rng.integers(0, blocks, blocks)]
+        rows = rng.integers(0, rounds, (blocks, rounds))
+        stats[i] = np.median(np.take_along_axis(pick, rows, axis=1))
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return float(np.median(ratios)), float(low), float(high)

@@ -41,3 +41,35 @@ def test_bench_latency_bad_batch(tmp_path):
     a = _write(tmp_path / "a.onnx", 1)
     with pytest.raises(ValueError, match="batch"):
         bench_latency(a, a, batch=0)
+
+
+def test_median_ratio_interval_covers_and_reflects_block_noise():
+    from converters.bench import median_ratio
+
+    rng = np.random.default_rng(0)
+    den = rng.uniform(1.0, 1.1, (6, 40))
+    med, low, high = median_ratio(den * 1.25, den)
+    assert med == pytest.approx(1.25) and low == pytest.approx(1.25) == high
+    # Each block's sessions are 0.8x or 1.2x as fast: the interval widens.
+    luck = np.array([0.8, 1.2, 0.8, 1.2, 0.8, 1.2])[:, None]
+    num = den * luck * rng.uniform(0.99, 1.01, (6, 40))
+    med, low, high = median_ratio(num, den)
+    assert low < 0.85 and high > 1.15 and low <= med <= high
+
+
+def test_blocked_latency_makes_fresh_sessions_in_random_orders(tmp_path):
+    import onnxruntime as ort
+
+    from converters.bench import blocked_latency_ms
+
+    paths = [_write(tmp_path / "a.onnx", 1), _write(tmp_path / "b.onnx", 3)]
+    orders = []
+
+    def make(order):
+        orders.append(tuple(order))
+        return [ort.InferenceSession(str(paths[k])) for k in order]
+
+    feeds = [{"x": np.ones((2, 16), np.float32)}] * 2
+    t = blocked_latency_ms(make, feeds, blocks=8, rounds=3, warmup=1)
+    assert t.shape == (8, 3, 2) and (t > 0).all()
+    assert sorted(set(orders)) == [(0, 1), (1, 0)]

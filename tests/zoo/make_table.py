@@ -6,9 +6,10 @@
 Each keras.applications model runs in its own process (a crash or a timeout
 fails that row only) through `tests/zoo/pipeline.py` with measurements on:
 ONNX node counts of our folded export and of Keras's own
-`model.export(format="onnx")` of the original model (Keras's BN), and ONNX
-Runtime latency at batch 1, one thread, median of 100 interleaved runs, with
-default graph optimizations and with ORT_DISABLE_ALL.
+`model.export(format="onnx")` of the same weights with Keras's BN, and ONNX
+Runtime latency ratios at batch 1, one thread, with default graph
+optimizations and with ORT_DISABLE_ALL (median paired ratio over blocks of
+fresh sessions, with a bootstrap 95% interval; see `tests/zoo/pipeline.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -35,6 +37,8 @@ def _one(name: str, out: str) -> None:
     t = time.perf_counter()
     result = run(build, shape, measure=True)
     result["total_s"] = round(time.perf_counter() - t, 1)
+    # Peak resident memory of this process (Linux: KiB), every stage included.
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result["keras"] = keras.__version__
     result.pop("tracebacks", None)
     with open(out, "w") as f:
@@ -43,6 +47,13 @@ def _one(name: str, out: str) -> None:
 
 def _fmt(v, spec=".1e"):
     return "" if v is None else format(v, spec)
+
+
+def _ratio(r, key):
+    """`0.99 [0.97, 1.01]`: median paired ratio and its bootstrap 95% interval."""
+    ci = r.get(key + "_ci")
+    ci = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+    return _fmt(r.get(key), ".2f") + ci
 
 
 def _row(name, r) -> str:
@@ -68,12 +79,13 @@ def _row(name, r) -> str:
         f"{r.get('folded', '')}/{r.get('kept', '')}",
         str(r.get("nodes", "")),
         str(r.get("keras_nodes", "")),
-        _fmt(r.get("ratio_default"), ".2f"),
-        _fmt(r.get("aa_default"), ".2f"),
-        _fmt(r.get("ratio_disable_all"), ".2f"),
-        _fmt(r.get("aa_disable_all"), ".2f"),
+        _ratio(r, "ratio_default"),
+        _ratio(r, "aa_default"),
+        _ratio(r, "ratio_disable_all"),
+        _ratio(r, "aa_disable_all"),
         f"{r.get('cli_inspect', '-')}/{r.get('cli_export', '-')}",
         _fmt(r.get("total_s"), ".0f"),
+        _fmt(r.get("peak_rss_gb"), ".1f"),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -98,6 +110,7 @@ def _render(results: dict, wall: float, note: str) -> str:
         "A/A",
         "CLI inspect/export",
         "seconds",
+        "peak RSS (GiB)",
     ]
     lines = [
         "# Conformance zoo: keras.applications through keras-bn",
@@ -117,12 +130,16 @@ def _render(results: dict, wall: float, note: str) -> str:
         "`max|a - b| / max|b|`, tolerance 1e-5.",
         "",
         "ONNX nodes (Keras export): Keras's own `model.export(format='onnx')` of "
-        "the original model (Keras's BN); where that export fails or needs extra "
-        "inputs, the tf2onnx conversion of the same model (see the notes). "
-        "Latency ratio = Keras-export latency / our folded file's latency "
-        "(> 1: ours is faster), ONNX Runtime, batch 1, one thread, median of 100 "
-        "interleaved runs; A/A = the baseline timed against itself in the same "
-        "run (the noise floor).",
+        "the same weights (the model after the fit step) with Keras's BN; where "
+        "that export fails or needs extra inputs, the tf2onnx conversion of that "
+        "model (see the notes). Latency ratio = Keras-export latency / our "
+        "folded file's latency (> 1: ours is faster), ONNX Runtime, batch 1, one "
+        "thread: 6 blocks of freshly made sessions (ours, the baseline, the "
+        "baseline again), in a random order, 50 rounds each in a random order; "
+        "the median of the 300 paired per-round ratios, with its bootstrap 95% "
+        "interval (blocks, then rounds, resampled). A/A = the baseline against "
+        "its second session, same protocol: the noise floor, including the "
+        "10-20% a session can gain or lose from where its buffers land.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs shared with "
         f"other jobs; {note}; per-model times add up to {wall / 60:.0f} min.",
@@ -134,7 +151,7 @@ def _render(results: dict, wall: float, note: str) -> str:
 
     lines += [_row(n, r) for n, r in results.items()]
     lines += [
-        f"| {n} | not run (the run stopped before it) |" + " |" * 13
+        f"| {n} | not run (the run stopped before it) |" + " |" * 14
         for n in APPLICATIONS
         if n not in results
     ]

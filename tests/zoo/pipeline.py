@@ -12,8 +12,9 @@ weights), randomizes every BN's statistics, then:
 6. the `keras-bn inspect` and `keras-bn export` commands (exit status 0);
    (5 and 6's export need the TensorFlow backend and are skipped on others)
 7. measurements for docs/zoo.md: ONNX node counts of our file and of Keras's
-   own export of the *original* model, and ONNX Runtime latency at batch 1
-   (one thread) with default optimizations and with ORT_DISABLE_ALL.
+   own export of the same weights with Keras's BN, and ONNX Runtime latency
+   at batch 1 (one thread) with default optimizations and with
+   ORT_DISABLE_ALL (`_measure`).
 
 Each stage's outcome goes into a dict; a stage that raises is recorded as
 failed with its message, and later stages that need it are skipped.
@@ -34,6 +35,7 @@ import numpy as np
 RTOL = 1e-5  # max|a - b| / max|b| per output, every comparison
 FIT_BATCH = 8  # the fit step's batch (inference checks use `batch`)
 FIT_LR = 1e-4  # 1e-3 blew up EfficientNetV2B0's outputs (max |y| 7e3)
+BLOCKS, ROUNDS = 6, 50  # latency: fresh sessions per block, rounds per block
 
 
 def randomize_bn(model, rng) -> int:
@@ -193,25 +195,40 @@ def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
                 result,
                 "measure",
                 lambda: _measure(
-                    result, original, onnx.load(onnx_path), keras_baseline, node_counts
+                    result, loaded, onnx.load(onnx_path), keras_baseline, node_counts
                 ),
             )
     return result
 
 
-def _measure(result, original, proto, keras_baseline, node_counts):
-    """Node counts and latency against Keras's export of the original model."""
+def _measure(result, model, proto, keras_baseline, node_counts):
+    """Node counts and latency against Keras's export of the same weights.
+
+    The baseline is `model` (the keras_bn model that was exported) with
+    Keras's BatchNormalization swapped back in: same weights, so the two
+    files differ only in who folded batch normalization. Latency: batch 1,
+    one thread, `BLOCKS` blocks of freshly made sessions (ours, baseline,
+    baseline again for A/A) of `ROUNDS` interleaved rounds each; the ratio is
+    the median of the paired per-round ratios, with a bootstrap 95% interval.
+    """
     import onnxruntime as ort
 
     from converters._tf_convert import signature_of
-    from converters.bench import interleaved_latency_ms
+    from converters.bench import blocked_latency_ms, median_ratio
 
-    signature = signature_of(original)
+    signature = signature_of(model)
     rng = np.random.default_rng(1)
     arrays = [rng.normal(size=(1, *s.shape[1:])).astype("float32") for s in signature]
-    what, base = keras_baseline(original, signature, 17, arrays)
+    what, base = keras_baseline(model, signature, 17, arrays)
     result["baseline"] = what
     result["keras_nodes"] = sum(node_counts(base).values())
+    files = [proto.SerializeToString(), base.SerializeToString()]
+    files.append(files[1])
+    feeds = []
+    for p in (proto, base, base):
+        inits = {i.name for i in p.graph.initializer}
+        names = [i.name for i in p.graph.input if i.name not in inits]
+        feeds.append(dict(zip(names, arrays, strict=True)))
     for level, key in (
         (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "ratio_default"),
         (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "ratio_disable_all"),
@@ -219,20 +236,17 @@ def _measure(result, original, proto, keras_baseline, node_counts):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
         opts.graph_optimization_level = level
-        sessions = [
-            ort.InferenceSession(
-                p.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-            )
-            for p in (proto, base, base)
-        ]
-        feeds = [
-            {i.name: a for i, a in zip(s.get_inputs(), arrays, strict=True)}
-            for s in sessions
-        ]
-        ours_ms, base_ms, aa_ms = interleaved_latency_ms(
-            sessions, feeds, runs=100, warmup=10
-        )
+
+        def make(order, opts=opts):
+            return [
+                ort.InferenceSession(files[k], opts, providers=["CPUExecutionProvider"])
+                for k in order
+            ]
+
+        t = blocked_latency_ms(make, feeds, blocks=BLOCKS, rounds=ROUNDS)
         # > 1: our file is faster than Keras's export; A/A: baseline vs itself.
-        result[key] = base_ms / ours_ms
-        result[key.replace("ratio", "aa")] = base_ms / aa_ms
-        result[key.replace("ratio", "ms")] = ours_ms
+        aa = key.replace("ratio", "aa")
+        result[key], *result[key + "_ci"] = median_ratio(t[..., 1], t[..., 0])
+        result[aa], *result[aa + "_ci"] = median_ratio(t[..., 1], t[..., 2])
+        result[key.replace("ratio", "ms")] = float(np.median(t[..., 0]))
+        result[key.replace("ratio", "base_ms")] = float(np.median(t[..., 1]))

@@ -134,9 +134,9 @@ def _render(results: dict, wall: float, note: str) -> str:
         "that export fails or needs extra inputs, the tf2onnx conversion of that "
         "model (see the notes). Latency ratio = Keras-export latency / our "
         "folded file's latency (> 1: ours is faster), ONNX Runtime, batch 1, one "
-        "thread: 6 blocks of freshly made sessions (ours, the baseline, the "
-        "baseline again), in a random order, 50 rounds each in a random order; "
-        "the median of the 300 paired per-round ratios, with its bootstrap 95% "
+        "thread: 12 blocks of freshly made sessions (ours, the baseline, the "
+        "baseline again), in a random order, 30 rounds each in a random order; "
+        "the median of the 360 paired per-round ratios, with its bootstrap 95% "
         "interval (blocks, then rounds, resampled). A/A = the baseline against "
         "its second session, same protocol: the noise floor, including the "
         "10-20% a session can gain or lose from where its buffers land.",

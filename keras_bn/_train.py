@@ -37,18 +37,13 @@ def batch_norm_train(
     differentiated (renorm, synchronized).
     """
 
-    def kernel():
-        return _kernel_train(
-            x, scale, offset, weights, axis, epsilon, all_reduce, count_epsilon
-        )
-
     if fused and weights is None and all_reduce is None:
-        out = backend.fused_train(
-            x, scale, offset, axis=axis, epsilon=epsilon, fallback=kernel
-        )
+        out = backend.fused_train(x, scale, offset, axis=axis, epsilon=epsilon)
         if out is not None:
             return out
-    return kernel()
+    return _kernel_train(
+        x, scale, offset, weights, axis, epsilon, all_reduce, count_epsilon
+    )
 
 
 def _kernel_train(x, scale, offset, weights, axis, epsilon, all_reduce, count_epsilon):

@@ -114,7 +114,7 @@ def fused_view(shape, axis: int):
 
 
 @_plain_python
-def fused_train(x, scale, offset, *, axis, epsilon, fallback):
+def fused_train(x, scale, offset, *, axis, epsilon):
     """Trains with `FusedBatchNormV3` unless XLA compiles the step.
 
     Returns `(y, mean, variance)` with the biased batch variance (the op's
@@ -122,10 +122,10 @@ def fused_train(x, scale, offset, *, axis, epsilon, fallback):
     not apply (XLA, dtype, epsilon, shape), so that the caller uses the
     kernel. A batch whose fused statistics are not finite (an overflow, or
     NaN/inf in the input) or whose mean is too far from zero for the op's
-    unshifted sums (`FUSED_MAX_MEAN_ERROR`) takes `fallback()` (the kernel)
-    instead, decided per batch by one `tf.cond` on the per-channel statistics.
-    The returned statistics have no gradient (nothing differentiates them on
-    this path: renorm and synchronized training use the kernel).
+    unshifted sums (`FUSED_MAX_MEAN_ERROR`) is normalized by the kernel
+    instead (`_guarded_fused`). The returned statistics have no gradient
+    (nothing differentiates them on this path: renorm and synchronized
+    training use the kernel).
     """
     if in_xla_context() or epsilon < FUSED_MIN_EPSILON:
         return None
@@ -135,27 +135,36 @@ def fused_train(x, scale, offset, *, axis, epsilon, fallback):
     if view is None:
         return None
     shape4, data_format = view
-    x = tf.convert_to_tensor(x)
-    # (An Identity, no copy, for the same reason as in `kernel_train`.)
-    x4 = tf.identity(x) if shape4 is None else tf.reshape(x, shape4)
-    count = tf.cast(tf.size(x), tf.float32) / float(x.shape[axis])
-    y4, mean, var, good = _fused_op(x4, scale, offset, count, epsilon, data_format)
+    # An Identity (no copy), for the same reason as in `kernel_train`.
+    x = tf.identity(tf.convert_to_tensor(x))
+    x4 = x if shape4 is None else tf.reshape(x, shape4)
+    y4, mean, var = _guarded_fused(x4, scale, offset, epsilon, data_format)
     y = y4 if shape4 is None else tf.reshape(y4, tf.shape(x))
-    # Bessel's correction undone: the biased variance, as Keras uses.
-    var = var * ((count - 1.0) / tf.maximum(count, 1.0))
-    return tf.cond(good, lambda: (y, mean, var), fallback)
+    return y, tf.stop_gradient(mean), tf.stop_gradient(var)
 
 
 @_plain_python
-def _fused_op(x, scale, offset, count, epsilon, data_format):
-    """The op with its gradient op; also returns whether its statistics are good.
+def _guarded_fused(x, scale, offset, epsilon, data_format):
+    """The fused op and its gradient op on a 4-D `x`, or the kernel where unfit.
 
-    The gradient is the registered one's (`FusedBatchNormGradV3`), called here
-    so that a batch that took the fallback, whose `y` then gets a zero
-    cotangent, sees finite statistics in it: its share of `dx` is then exactly
-    zero rather than NaN when the fused statistics overflowed. The cotangents
-    of the statistics are not used (they have none on this path).
+    Which one runs is decided per batch by one `tf.cond` on the op's
+    statistics in the forward pass and the same predicate in the backward
+    pass, both inside one custom gradient: TensorFlow never differentiates
+    through the `tf.cond` (its gradient would make the forward `If` export
+    every intermediate of the kernel branch). The kernel runs on its
+    canonical view of `x` (as `keras_bn._train.canonical_view`): `(N*H*W, C)`
+    for NHWC, `(N, C, H*W)` for NCHW. Returns `(y, mean, biased variance)`.
     """
+    nhwc = data_format == "NHWC"
+    channels = x.shape[3 if nhwc else 1]
+    kview = (-1, channels) if nhwc else (-1, channels, x.shape[2] * x.shape[3])
+    bshape = (1, channels) if nhwc else (1, channels, 1)
+    if x.shape.is_fully_defined():
+        count = float(x.shape.num_elements() // channels)
+        bessel = (count - 1.0) / max(count, 1.0)
+    else:
+        count = tf.cast(tf.size(x), tf.float32) / float(channels)
+        bessel = (count - 1.0) / tf.maximum(count, 1.0)
 
     @tf.custom_gradient
     def op(x, scale, offset):
@@ -171,36 +180,63 @@ def _fused_op(x, scale, offset, count, epsilon, data_format):
             is_training=True,
         )
         good = _good(mean, var, count, epsilon)
+        xk = tf.reshape(x, kview)
+
+        def fused():
+            # Bessel's correction undone: the biased variance, as Keras uses;
+            # the last four outputs stand for the kernel's residuals.
+            return y, mean, var * bessel, mean, mean, mean, mean
+
+        def kernel():
+            yk, kmean, kvar, res = _kernels.forward(
+                xk, scale, offset, None, axis=1, epsilon=epsilon
+            )
+            flat = (tf.reshape(v, (-1,)) for v in res[2:6])
+            return (tf.reshape(yk, tf.shape(x)), kmean, kvar, *flat)
+
+        y, mean, var, *residuals = tf.cond(good, fused, kernel)
 
         def grad(dy, dmean, dvar):
-            dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=dy,
-                x=x,
-                scale=scale,
-                reserve_space_1=tf.where(good, r1, tf.zeros_like(r1)),
-                reserve_space_2=tf.where(good, r2, tf.ones_like(r2)),
-                reserve_space_3=r3,
-                epsilon=epsilon,
-                data_format=data_format,
-                is_training=True,
-            )[:3]
-            return dx, dscale, doffset
+            def fused_grad():
+                return tf.raw_ops.FusedBatchNormGradV3(
+                    y_backprop=dy,
+                    x=x,
+                    scale=scale,
+                    reserve_space_1=r1,
+                    reserve_space_2=r2,
+                    reserve_space_3=r3,
+                    epsilon=epsilon,
+                    data_format=data_format,
+                    is_training=True,
+                )[:3]
+
+            def kernel_grad():
+                k, delta, inv_std, a = (tf.reshape(v, bshape) for v in residuals)
+                n = tf.ones_like(k) * count
+                res = _kernels.Residuals(xk, None, k, delta, inv_std, a, n)
+                dxk, dscale, doffset = _kernels.backward(
+                    res, tf.reshape(dy, kview), None, None, axis=1
+                )
+                return tf.reshape(dxk, tf.shape(x)), dscale, doffset
+
+            return tf.cond(good, fused_grad, kernel_grad)
 
         return (y, mean, var), grad
 
-    y, mean, var = op(x, scale, offset)
-    mean, var = tf.stop_gradient(mean), tf.stop_gradient(var)
-    return y, mean, var, _good(mean, var, count, epsilon)
+    return op(x, scale, offset)
 
 
 @_plain_python
 def _good(mean, var, count, epsilon):
-    """Finite statistics, and a mean the op's float32 sums resolve well enough."""
-    bound = FUSED_MAX_MEAN_ERROR / (_U * tf.sqrt(count))
-    return tf.reduce_all(
-        tf.math.is_finite(mean)
-        & tf.math.is_finite(var)
-        & (tf.square(mean) <= tf.square(bound) * (var + epsilon))
+    """Finite statistics, and a mean the op's float32 sums resolve well enough.
+
+    `|mean| <= bound * std`, squared; false for a NaN mean or variance, and
+    for an infinite mean unless the variance is infinite too, which the
+    second test catches.
+    """
+    bound2 = (FUSED_MAX_MEAN_ERROR / _U) ** 2 / count
+    return tf.reduce_all(tf.square(mean) <= bound2 * (var + epsilon)) & (
+        tf.reduce_max(var) < math.inf
     )
 
 

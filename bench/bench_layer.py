@@ -2,12 +2,13 @@
 
 Compares `keras_bn.BatchNormalization` with its peers in the same process:
 
-* TensorFlow backend: ours without XLA (TensorFlow's fused op, the path of
-  `fit` with Keras's default `jit_compile="auto"` on a CPU) and with XLA (our
-  kernel); Keras 3's BatchNormalization with XLA on and off;
-  `tf_keras.layers.BatchNormalization` (fused for 4-D inputs; `pip install
-  --no-deps tf-keras`); and the fused op alone on a 4-D view, without a layer
-  (the floor of the no-XLA path). Ratios are against ours without XLA.
+* TensorFlow backend: ours without XLA (the path of `fit` with Keras's
+  default `jit_compile="auto"` on a CPU: TensorFlow's fused op for
+  channels-last inputs, the kernel as nested XLA functions for channels-first
+  ones) and with XLA (our kernel); Keras 3's BatchNormalization with XLA on
+  and off; `tf_keras.layers.BatchNormalization` (fused for 4-D inputs; `pip
+  install --no-deps tf-keras`); and the fused op alone on a 4-D view, without
+  a layer (the floor of the fused path). Ratios are against ours without XLA.
 * JAX backend: Keras 3's BatchNormalization, both under `jax.jit`; with
   `--floor`, the bandwidth floor: 8 passes over the tensor (forward: read x
   for the statistics, read x and write y; backward: read x and dy for the
@@ -18,7 +19,10 @@ A step is: y = layer(x, training=True) with the moving statistics updated,
 and the gradients of <y, dy> w.r.t. x, gamma and beta; y and the gradients
 are all outputs of the step, so no candidate can skip computing y. Reported: median (and
 min) over `--repeats` timed runs of `--inner` steps each, after warm-up, the
-candidates' runs interleaved.
+candidates' runs interleaved. A second table gives, per shape, each keras_bn
+row's time over the fastest peer's (any mode; the fused op alone and the
+floor are not peers) and over the fastest peer compiled the same way (XLA or
+`jax.jit`, or not): 1.00 or less means no slower.
 
     KERAS_BACKEND=tensorflow python bench/bench_layer.py            # CPU table
     KERAS_BACKEND=jax python bench/bench_layer.py
@@ -324,6 +328,40 @@ def _copy_floor(x, repeats, inner):
     return 8 * nbytes / bandwidth, bandwidth
 
 
+def _is_ours(name: str) -> bool:
+    return name.startswith("keras_bn (")
+
+
+def _is_peer(name: str) -> bool:
+    return not _is_ours(name) and not name.startswith(("fused op alone", "floor"))
+
+
+def _compiled(name: str) -> bool:
+    return "(XLA)" in name or "(jit)" in name
+
+
+def peer_ratios(results: dict) -> list[tuple]:
+    """Per keras_bn row: `(ours, peer, ratio, same-mode peer, ratio)`.
+
+    `results` maps candidate names to `(median, min)` seconds; ratios are
+    medians, ours over the peer's (None where there is no such peer).
+    """
+    peers = {n: v[0] for n, v in results.items() if _is_peer(n)}
+    rows = []
+    for name, (med, _) in results.items():
+        if not _is_ours(name):
+            continue
+        row = [name]
+        for pool in (
+            peers,
+            {n: t for n, t in peers.items() if _compiled(n) == _compiled(name)},
+        ):
+            best = min(pool, key=pool.get) if pool else None
+            row += [best, med / pool[best] if best else None]
+        rows.append(tuple(row))
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="cpu")
@@ -355,6 +393,7 @@ def main(argv=None) -> None:
     )
     print("| shape | axis | dtype | candidate | median ms | min ms | its time / ours |")
     print("|---|---|---|---|---|---|---|")
+    summary = []
     for dtype in args.dtypes.split(","):
         for shape, axis in SHAPES[args.shapes]:
             cands, sync, x = make(shape, axis, dtype)
@@ -369,6 +408,19 @@ def main(argv=None) -> None:
                     f"| {shape} | {axis} | {dtype} | {name} | {med * 1e3:.3f} | "
                     f"{best * 1e3:.3f} | {ratio:.2f}x |"
                 )
+            summary += [(shape, axis, dtype, *r) for r in peer_ratios(results)]
+    print()
+    print(
+        "| shape | axis | dtype | ours | fastest peer | ours / it | "
+        "fastest peer, same mode | ours / it |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for shape, axis, dtype, ours, peer, ratio, same, same_ratio in summary:
+        cells = [
+            f"{p} | {r:.2f}" if p else "- | -"
+            for p, r in ((peer, ratio), (same, same_ratio))
+        ]
+        print(f"| {shape} | {axis} | {dtype} | {ours} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":

@@ -102,11 +102,13 @@ def _tf_step_fn(layer, jit):
     return tf.function(step, jit_compile=jit)
 
 
-def _tf_fused_op_step(x, dy, axis):
+def _tf_fused_op_step(x, dy, axis, transpose=False):
     """`tf.compat.v1.nn.fused_batch_norm` on a 4-D view, without a layer.
 
-    The floor for the no-XLA path: the op and its registered gradient only,
-    no moving-average update; 2-D input as `(N, 1, 1, C)`.
+    The floor for the fused no-XLA path: the op and its registered gradient
+    only, no moving-average update; 2-D input as `(N, 1, 1, C)`. With
+    `transpose`, NCHW data goes through the op as NHWC, transposed there and
+    back (the gradient too): the alternative to keras_bn's channels-first path.
     """
     import tensorflow as tf
 
@@ -116,14 +118,21 @@ def _tf_fused_op_step(x, dy, axis):
     view = x.shape if rank == 4 else (-1, 1, 1, c)
     scale, offset = tf.Variable(tf.ones(c)), tf.Variable(tf.zeros(c))
 
+    def op(x4):
+        if not (transpose and fmt == "NCHW"):
+            return tf.compat.v1.nn.fused_batch_norm(
+                x4, scale, offset, epsilon=1e-3, data_format=fmt
+            )[0]
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            tf.transpose(x4, (0, 2, 3, 1)), scale, offset, epsilon=1e-3
+        )
+        return tf.transpose(y, (0, 3, 1, 2))
+
     @tf.function(jit_compile=False)
     def step(x, dy):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                tf.reshape(x, view), scale, offset, epsilon=1e-3, data_format=fmt
-            )
-            y = tf.reshape(y, tf.shape(x))
+            y = tf.reshape(op(tf.reshape(x, view)), tf.shape(x))
         return y, tape.gradient(y, [x, scale, offset], output_gradients=dy)
 
     return lambda: step(x, dy)
@@ -171,6 +180,10 @@ def _tf_candidates(shape, axis, dtype):
     except ImportError:
         print("tf_keras not installed: pip install --no-deps tf-keras")
     cands["fused op alone (no XLA)"] = _tf_fused_op_step(x, dy, axis)
+    if axis == 1 and len(shape) == 4:
+        cands["fused op alone, via NHWC transposes (no XLA)"] = _tf_fused_op_step(
+            x, dy, axis, transpose=True
+        )
 
     def sync(out):
         for t in tf.nest.flatten(out):

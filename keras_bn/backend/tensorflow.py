@@ -5,9 +5,10 @@ The fused op (`FusedBatchNormV3` and its registered gradient
 `tf_keras` trains with. keras_bn uses it when the step is *not* compiled by
 XLA: eagerly, and in a plain `tf.function` such as `fit`'s train step with
 `compile(jit_compile=False)` or Keras's default `"auto"` on CPU-only
-machines and under `tf.distribute` strategies. Under XLA
-(`jit_compile=True`) the fused kernel of `keras_bn._kernels` compiles into
-fewer passes, so the op is not used there.
+machines and under `tf.distribute` strategies; except for channels-first
+inputs on a CPU, where the kernel of `keras_bn._kernels`, compiled by XLA as
+nested functions, is faster (`fused_train`). Under XLA (`jit_compile=True`)
+that kernel compiles into the step, so the op is not used there.
 """
 
 from __future__ import annotations

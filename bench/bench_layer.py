@@ -63,20 +63,28 @@ def _time_alternated(cands: dict, repeats: int, inner: int, sync) -> dict:
     """`_time` for every candidate, their timed runs interleaved.
 
     Each repeat runs every candidate once, in turn, so that a slow phase of a
-    shared machine hits all of them alike; returns name -> (median, min).
+    shared machine hits all of them alike; returns name -> (median, min,
+    median CPU time). The CPU time (`time.process_time`: all threads of the
+    process) is the work done, the least sensitive to other processes on a
+    shared machine; the wall time is the latency, the measure on a quiet one.
     """
     for fn in cands.values():
         for _ in range(3):
             sync(fn())
     times = {name: [] for name in cands}
+    cpu = {name: [] for name in cands}
     for _ in range(repeats):
         for name, fn in cands.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(inner):
                 out = fn()
             sync(out)
             times[name].append((time.perf_counter() - t0) / inner)
-    return {n: (statistics.median(t), min(t)) for n, t in times.items()}
+            cpu[name].append((time.process_time() - c0) / inner)
+    return {
+        n: (statistics.median(t), min(t), statistics.median(cpu[n]))
+        for n, t in times.items()
+    }
 
 
 def _tf_step_fn(layer, jit):
@@ -356,12 +364,12 @@ def _compiled(name: str) -> bool:
 def peer_ratios(results: dict) -> list[tuple]:
     """Per keras_bn row: `(ours, peer, ratio, same-mode peer, ratio)`.
 
-    `results` maps candidate names to `(median, min)` seconds; ratios are
-    medians, ours over the peer's (None where there is no such peer).
+    `results` maps candidate names to `(median, ...)` seconds; ratios are of
+    the medians, ours over the peer's (None where there is no such peer).
     """
     peers = {n: v[0] for n, v in results.items() if _is_peer(n)}
     rows = []
-    for name, (med, _) in results.items():
+    for name, (med, *_) in results.items():
         if not _is_ours(name):
             continue
         row = [name]
@@ -404,8 +412,11 @@ def main(argv=None) -> None:
         f"backend={backend} keras={keras.__version__} machine={platform.machine()} "
         f"cpus={os.cpu_count()} repeats={args.repeats} inner={args.inner}"
     )
-    print("| shape | axis | dtype | candidate | median ms | min ms | its time / ours |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| shape | axis | dtype | candidate | median ms | min ms | median CPU ms | "
+        "its time / ours |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     summary = []
     for dtype in args.dtypes.split(","):
         for shape, axis in SHAPES[args.shapes]:
@@ -413,13 +424,18 @@ def main(argv=None) -> None:
             results = _time_alternated(cands, args.repeats, args.inner, sync)
             if args.floor and backend == "jax":
                 floor, bw = _copy_floor(x, args.repeats, max(args.inner, 10))
-                results[f"floor (8 passes @ {bw / 1e9:.0f} GB/s)"] = (floor, floor)
+                results[f"floor (8 passes @ {bw / 1e9:.0f} GB/s)"] = (
+                    floor,
+                    floor,
+                    None,
+                )
             ours = next(v for k, v in results.items() if k.startswith("keras_bn ("))
-            for name, (med, best) in results.items():
+            for name, (med, best, cpu) in results.items():
                 ratio = med / ours[0]
+                cpu = "-" if cpu is None else f"{cpu * 1e3:.3f}"
                 print(
                     f"| {shape} | {axis} | {dtype} | {name} | {med * 1e3:.3f} | "
-                    f"{best * 1e3:.3f} | {ratio:.2f}x |"
+                    f"{best * 1e3:.3f} | {cpu} | {ratio:.2f}x |"
                 )
             summary += [(shape, axis, dtype, *r) for r in peer_ratios(results)]
     print()

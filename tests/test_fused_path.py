@@ -125,6 +125,19 @@ def spy(monkeypatch):
     return Spy(monkeypatch)
 
 
+@pytest.fixture(autouse=True)
+def any_size_fused(monkeypatch):
+    """The op for channels-last inputs of any size (these tests' are small).
+
+    `test_size_rule` tests the default: the compiled kernel below
+    `FUSED_MIN_SIZE` values.
+    """
+    if TF:
+        from keras_bn.backend import tensorflow as tfb
+
+        monkeypatch.setattr(tfb, "FUSED_MIN_SIZE", 0)
+
+
 def _mode(path: str) -> dict:
     if path == "graph" and not TF:
         pytest.skip("a tf.function without XLA is TensorFlow's path")
@@ -342,3 +355,42 @@ def test_overflowing_fused_statistics_take_the_kernel(rng, graph, magnitude):
     kernel = _train_vjp(x, dy, False, graph)
     for name, a, b in zip(("y", "mean", "var", "dx"), fused, kernel, strict=True):
         np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "shape,expected",
+    [
+        ((64, 128), "compiled"),
+        ((8, 12, 12, 16), "compiled"),
+        ((64, 4096), "fused"),  # 2**18 values
+        ((None, 128), "fused"),  # a size unknown when tracing
+    ],
+)
+def test_size_rule(rng, spy, monkeypatch, shape, expected):
+    """Channels-last on a CPU: the op from `FUSED_MIN_SIZE` values, else compiled."""
+    if not TF:
+        pytest.skip("TensorFlow's fused op")
+    import tensorflow as tf
+
+    from keras_bn.backend import tensorflow as tfb
+
+    if tf.config.list_logical_devices("GPU"):
+        pytest.skip("a GPU is present: the op for all sizes")
+    monkeypatch.setattr(tfb, "FUSED_MIN_SIZE", 2**18)
+    layer = keras_bn.BatchNormalization(momentum=0.0, epsilon=EPS)
+    layer.build(shape)
+    run = (shape[0] or 64, *shape[1:])
+    x = rng.normal(0.5, 1.5, run).astype("float32")
+    step = tf.function(
+        lambda x: layer(x, training=True),
+        input_signature=[tf.TensorSpec(shape, tf.float32)],
+    )
+    y = step(tf.constant(x))
+    c = shape[-1]
+    y_ref, mean, _ = h.ref_forward(x, np.ones(c), np.zeros(c), -1, EPS)
+    h.assert_close(y, y_ref, rtol=1e-5, atol_scale=1e-5, what="y")
+    h.assert_close(layer.moving_mean, mean, what="mean")
+    if expected == "compiled":
+        assert spy.calls["compiled"] and not spy.calls["fused"]
+    else:
+        assert spy.calls["fused"] and not spy.calls["compiled"]

@@ -37,6 +37,11 @@ FUSED_MIN_EPSILON = 1.001e-5
 # Where that estimate, in units of the batch standard deviation, exceeds this
 # bound, the batch is recomputed with the shifted kernel instead.
 FUSED_MAX_MEAN_ERROR = 1e-4
+# On a CPU the op costs about 0.45 ms per training step whatever the size
+# (TensorFlow 2.21, 2-core VM: 0.50 ms for (64, 128) as for (8, 12, 12, 16)),
+# so smaller inputs with a known size train faster with the compiled kernel;
+# the two tied at 2**18 values ((256, 1024)) and the op won above.
+FUSED_MIN_SIZE = 2**18
 _U = 2.0**-24
 
 # AutoGraph has nothing to convert here (no Python control flow on tensors),
@@ -120,12 +125,14 @@ def fused_train(x, scale, offset, *, axis, epsilon):
     """The training step where XLA does not compile it: a fused op per batch.
 
     Channels-last inputs train with `FusedBatchNormV3` and its gradient op
-    (`_guarded_fused`). Channels-first inputs on a CPU train with the kernel
-    compiled by XLA as a nested function (`_compiled_kernel`): TensorFlow's
-    CPU op transposes NCHW data to NHWC and back (on (32, 64, 56, 56) it took
-    18.1 ms against 8.6 ms for the same data in NHWC), and the compiled kernel
-    measured faster than the op, with or without explicit transposes around
-    it (BENCHMARKS.md). On a GPU (cuDNN) the op takes NCHW natively.
+    (`_guarded_fused`). On a CPU, two kinds of input train with the kernel
+    compiled by XLA as nested functions instead (`_compiled_kernel`):
+    channels-first ones, as TensorFlow's CPU op transposes NCHW data to NHWC
+    and back (on (32, 64, 56, 56) it took 18.1 ms against 8.6 ms for the same
+    data in NHWC) and the compiled kernel measured faster than the op, with
+    or without explicit transposes around it; and inputs of a known size
+    below `FUSED_MIN_SIZE`, where the op's fixed cost dominates (an unknown
+    batch size keeps the op). On a GPU (cuDNN) the op is used for all.
 
     Returns `(y, mean, variance)` with the biased batch variance, or None
     where neither applies (XLA, dtype, shape, or an epsilon below cuDNN's
@@ -141,14 +148,16 @@ def fused_train(x, scale, offset, *, axis, epsilon):
     if view is None:
         return None
     shape4, data_format = view
-    compiled = data_format == "NCHW" and not _gpu_visible()
+    dims = tuple(x.shape)
+    small = None not in dims and math.prod(dims) < FUSED_MIN_SIZE
+    compiled = (data_format == "NCHW" or small) and not _gpu_visible()
     if not compiled and epsilon < FUSED_MIN_EPSILON:
         return None
     # An Identity (no copy), for the same reason as in `kernel_train`.
     x = tf.identity(tf.convert_to_tensor(x))
     x4 = x if shape4 is None else tf.reshape(x, shape4)
     if compiled:
-        y4, mean, var = _compiled_kernel(x4, scale, offset, epsilon)
+        y4, mean, var = _compiled_kernel(x4, scale, offset, epsilon, data_format)
     else:
         y4, mean, var = _guarded_fused(x4, scale, offset, epsilon, data_format)
     y = y4 if shape4 is None else tf.reshape(y4, tf.shape(x))
@@ -162,7 +171,7 @@ def _gpu_visible() -> bool:
 
 @functools.cache
 def _compiled_pair(epsilon: float):
-    """The kernel's halves as XLA-compiled functions of `(N, C, L)` inputs.
+    """The kernel's halves as XLA-compiled functions of `(M, C)`/`(N, C, L)`.
 
     Called from a graph that XLA does not compile (or eagerly), each runs as
     one XLA launch; TensorFlow compiles them once per input shape.
@@ -184,10 +193,13 @@ def _compiled_pair(epsilon: float):
 
 
 @_plain_python
-def _compiled_kernel(x, scale, offset, epsilon):
-    """The kernel on NCHW `x` (as `(N, C, H*W)`), forward and backward by XLA."""
+def _compiled_kernel(x, scale, offset, epsilon, data_format):
+    """The kernel on a 4-D `x`, forward and backward each one XLA launch.
+
+    It runs on the kernel's canonical view of `x` (`_kernel_view`).
+    """
     forward, backward = _compiled_pair(float(epsilon))
-    xk = tf.reshape(x, (-1, x.shape[1], x.shape[2] * x.shape[3]))
+    xk = tf.reshape(x, _kernel_view(x.shape, data_format))
 
     @tf.custom_gradient
     def op(xk, scale, offset):
@@ -211,12 +223,12 @@ def _guarded_fused(x, scale, offset, epsilon, data_format):
     pass, both inside one custom gradient: TensorFlow never differentiates
     through the `tf.cond` (its gradient would make the forward `If` export
     every intermediate of the kernel branch). The kernel runs on its
-    canonical view of `x` (as `keras_bn._train.canonical_view`): `(N*H*W, C)`
-    for NHWC, `(N, C, H*W)` for NCHW. Returns `(y, mean, biased variance)`.
+    canonical view of `x` (`_kernel_view`). Returns `(y, mean, biased
+    variance)`.
     """
     nhwc = data_format == "NHWC"
     channels = x.shape[3 if nhwc else 1]
-    kview = (-1, channels) if nhwc else (-1, channels, x.shape[2] * x.shape[3])
+    kview = _kernel_view(x.shape, data_format)
     bshape = (1, channels) if nhwc else (1, channels, 1)
     if x.shape.is_fully_defined():
         count = float(x.shape.num_elements() // channels)
@@ -283,6 +295,16 @@ def _guarded_fused(x, scale, offset, epsilon, data_format):
         return (y, mean, var), grad
 
     return op(x, scale, offset)
+
+
+def _kernel_view(shape4, data_format):
+    """The kernel's canonical view (as `keras_bn._train.canonical_view`).
+
+    `(N*H*W, C)` for NHWC, `(N, C, H*W)` for NCHW.
+    """
+    if data_format == "NHWC":
+        return (-1, shape4[3])
+    return (-1, shape4[1], shape4[2] * shape4[3])
 
 
 @_plain_python

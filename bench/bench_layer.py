@@ -2,12 +2,13 @@
 
 Compares `keras_bn.BatchNormalization` with its peers in the same process:
 
-* TensorFlow backend: ours without XLA (TensorFlow's fused op, the path of
-  `fit` with Keras's default `jit_compile="auto"` on a CPU) and with XLA (our
-  kernel); Keras 3's BatchNormalization with XLA on and off;
-  `tf_keras.layers.BatchNormalization` (fused for 4-D inputs; `pip install
-  --no-deps tf-keras`); and the fused op alone on a 4-D view, without a layer
-  (the floor of the no-XLA path). Ratios are against ours without XLA.
+* TensorFlow backend: ours without XLA (the path of `fit` with Keras's
+  default `jit_compile="auto"` on a CPU: TensorFlow's fused op for
+  channels-last inputs, the kernel as nested XLA functions for channels-first
+  ones) and with XLA (our kernel); Keras 3's BatchNormalization with XLA on
+  and off; `tf_keras.layers.BatchNormalization` (fused for 4-D inputs; `pip
+  install --no-deps tf-keras`); and the fused op alone on a 4-D view, without
+  a layer (the floor of the fused path). Ratios are against ours without XLA.
 * JAX backend: Keras 3's BatchNormalization, both under `jax.jit`; with
   `--floor`, the bandwidth floor: 8 passes over the tensor (forward: read x
   for the statistics, read x and write y; backward: read x and dy for the
@@ -18,7 +19,10 @@ A step is: y = layer(x, training=True) with the moving statistics updated,
 and the gradients of <y, dy> w.r.t. x, gamma and beta; y and the gradients
 are all outputs of the step, so no candidate can skip computing y. Reported: median (and
 min) over `--repeats` timed runs of `--inner` steps each, after warm-up, the
-candidates' runs interleaved.
+candidates' runs interleaved. A second table gives, per shape, each keras_bn
+row's time over the fastest peer's (any mode; the fused op alone and the
+floor are not peers) and over the fastest peer compiled the same way (XLA or
+`jax.jit`, or not): 1.00 or less means no slower.
 
     KERAS_BACKEND=tensorflow python bench/bench_layer.py            # CPU table
     KERAS_BACKEND=jax python bench/bench_layer.py
@@ -59,20 +63,28 @@ def _time_alternated(cands: dict, repeats: int, inner: int, sync) -> dict:
     """`_time` for every candidate, their timed runs interleaved.
 
     Each repeat runs every candidate once, in turn, so that a slow phase of a
-    shared machine hits all of them alike; returns name -> (median, min).
+    shared machine hits all of them alike; returns name -> (median, min,
+    median CPU time). The CPU time (`time.process_time`: all threads of the
+    process) is the work done, the least sensitive to other processes on a
+    shared machine; the wall time is the latency, the measure on a quiet one.
     """
     for fn in cands.values():
         for _ in range(3):
             sync(fn())
     times = {name: [] for name in cands}
+    cpu = {name: [] for name in cands}
     for _ in range(repeats):
         for name, fn in cands.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(inner):
                 out = fn()
             sync(out)
             times[name].append((time.perf_counter() - t0) / inner)
-    return {n: (statistics.median(t), min(t)) for n, t in times.items()}
+            cpu[name].append((time.process_time() - c0) / inner)
+    return {
+        n: (statistics.median(t), min(t), statistics.median(cpu[n]))
+        for n, t in times.items()
+    }
 
 
 def _tf_step_fn(layer, jit):
@@ -98,11 +110,13 @@ def _tf_step_fn(layer, jit):
     return tf.function(step, jit_compile=jit)
 
 
-def _tf_fused_op_step(x, dy, axis):
+def _tf_fused_op_step(x, dy, axis, transpose=False):
     """`tf.compat.v1.nn.fused_batch_norm` on a 4-D view, without a layer.
 
-    The floor for the no-XLA path: the op and its registered gradient only,
-    no moving-average update; 2-D input as `(N, 1, 1, C)`.
+    The floor for the fused no-XLA path: the op and its registered gradient
+    only, no moving-average update; 2-D input as `(N, 1, 1, C)`. With
+    `transpose`, NCHW data goes through the op as NHWC, transposed there and
+    back (the gradient too): the alternative to keras_bn's channels-first path.
     """
     import tensorflow as tf
 
@@ -112,14 +126,21 @@ def _tf_fused_op_step(x, dy, axis):
     view = x.shape if rank == 4 else (-1, 1, 1, c)
     scale, offset = tf.Variable(tf.ones(c)), tf.Variable(tf.zeros(c))
 
+    def op(x4):
+        if not (transpose and fmt == "NCHW"):
+            return tf.compat.v1.nn.fused_batch_norm(
+                x4, scale, offset, epsilon=1e-3, data_format=fmt
+            )[0]
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            tf.transpose(x4, (0, 2, 3, 1)), scale, offset, epsilon=1e-3
+        )
+        return tf.transpose(y, (0, 3, 1, 2))
+
     @tf.function(jit_compile=False)
     def step(x, dy):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                tf.reshape(x, view), scale, offset, epsilon=1e-3, data_format=fmt
-            )
-            y = tf.reshape(y, tf.shape(x))
+            y = tf.reshape(op(tf.reshape(x, view)), tf.shape(x))
         return y, tape.gradient(y, [x, scale, offset], output_gradients=dy)
 
     return lambda: step(x, dy)
@@ -167,6 +188,10 @@ def _tf_candidates(shape, axis, dtype):
     except ImportError:
         print("tf_keras not installed: pip install --no-deps tf-keras")
     cands["fused op alone (no XLA)"] = _tf_fused_op_step(x, dy, axis)
+    if axis == 1 and len(shape) == 4:
+        cands["fused op alone, via NHWC transposes (no XLA)"] = _tf_fused_op_step(
+            x, dy, axis, transpose=True
+        )
 
     def sync(out):
         for t in tf.nest.flatten(out):
@@ -324,6 +349,40 @@ def _copy_floor(x, repeats, inner):
     return 8 * nbytes / bandwidth, bandwidth
 
 
+def _is_ours(name: str) -> bool:
+    return name.startswith("keras_bn (")
+
+
+def _is_peer(name: str) -> bool:
+    return not _is_ours(name) and not name.startswith(("fused op alone", "floor"))
+
+
+def _compiled(name: str) -> bool:
+    return "(XLA)" in name or "(jit)" in name
+
+
+def peer_ratios(results: dict) -> list[tuple]:
+    """Per keras_bn row: `(ours, peer, ratio, same-mode peer, ratio)`.
+
+    `results` maps candidate names to `(median, ...)` seconds; ratios are of
+    the medians, ours over the peer's (None where there is no such peer).
+    """
+    peers = {n: v[0] for n, v in results.items() if _is_peer(n)}
+    rows = []
+    for name, (med, *_) in results.items():
+        if not _is_ours(name):
+            continue
+        row = [name]
+        for pool in (
+            peers,
+            {n: t for n, t in peers.items() if _compiled(n) == _compiled(name)},
+        ):
+            best = min(pool, key=pool.get) if pool else None
+            row += [best, med / pool[best] if best else None]
+        rows.append(tuple(row))
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="cpu")
@@ -353,22 +412,44 @@ def main(argv=None) -> None:
         f"backend={backend} keras={keras.__version__} machine={platform.machine()} "
         f"cpus={os.cpu_count()} repeats={args.repeats} inner={args.inner}"
     )
-    print("| shape | axis | dtype | candidate | median ms | min ms | its time / ours |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| shape | axis | dtype | candidate | median ms | min ms | median CPU ms | "
+        "its time / ours |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    summary = []
     for dtype in args.dtypes.split(","):
         for shape, axis in SHAPES[args.shapes]:
             cands, sync, x = make(shape, axis, dtype)
             results = _time_alternated(cands, args.repeats, args.inner, sync)
             if args.floor and backend == "jax":
                 floor, bw = _copy_floor(x, args.repeats, max(args.inner, 10))
-                results[f"floor (8 passes @ {bw / 1e9:.0f} GB/s)"] = (floor, floor)
+                results[f"floor (8 passes @ {bw / 1e9:.0f} GB/s)"] = (
+                    floor,
+                    floor,
+                    None,
+                )
             ours = next(v for k, v in results.items() if k.startswith("keras_bn ("))
-            for name, (med, best) in results.items():
+            for name, (med, best, cpu) in results.items():
                 ratio = med / ours[0]
+                cpu = "-" if cpu is None else f"{cpu * 1e3:.3f}"
                 print(
                     f"| {shape} | {axis} | {dtype} | {name} | {med * 1e3:.3f} | "
-                    f"{best * 1e3:.3f} | {ratio:.2f}x |"
+                    f"{best * 1e3:.3f} | {cpu} | {ratio:.2f}x |"
                 )
+            summary += [(shape, axis, dtype, *r) for r in peer_ratios(results)]
+    print()
+    print(
+        "| shape | axis | dtype | ours | fastest peer | ours / it | "
+        "fastest peer, same mode | ours / it |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for shape, axis, dtype, ours, peer, ratio, same, same_ratio in summary:
+        cells = [
+            f"{p} | {r:.2f}" if p else "- | -"
+            for p, r in ((peer, ratio), (same, same_ratio))
+        ]
+        print(f"| {shape} | {axis} | {dtype} | {ours} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """The training step's normalization: the backend's fused op or the kernel.
 
 `batch_norm_train` is the one entry point the layer trains through. It asks
-the backend module (`keras_bn.backend`) for its own fused op first (TensorFlow's
-`FusedBatchNormV3` when the step is not XLA-compiled) and otherwise runs the
-kernel of `keras_bn._kernels` with its analytic backward pass, on a reshaped
-canonical view of the input.
+the backend module (`keras_bn.backend`) for its fused step first (on
+TensorFlow when the step is not XLA-compiled: `FusedBatchNormV3`, or on a CPU
+for channels-first and small inputs the kernel compiled by XLA as nested
+functions) and otherwise runs the kernel of `keras_bn._kernels` with its
+analytic backward pass, on a reshaped canonical view of the input.
 """
 
 from __future__ import annotations
@@ -37,18 +38,13 @@ def batch_norm_train(
     differentiated (renorm, synchronized).
     """
 
-    def kernel():
-        return _kernel_train(
-            x, scale, offset, weights, axis, epsilon, all_reduce, count_epsilon
-        )
-
     if fused and weights is None and all_reduce is None:
-        out = backend.fused_train(
-            x, scale, offset, axis=axis, epsilon=epsilon, fallback=kernel
-        )
+        out = backend.fused_train(x, scale, offset, axis=axis, epsilon=epsilon)
         if out is not None:
             return out
-    return kernel()
+    return _kernel_train(
+        x, scale, offset, weights, axis, epsilon, all_reduce, count_epsilon
+    )
 
 
 def _kernel_train(x, scale, offset, weights, axis, epsilon, all_reduce, count_epsilon):

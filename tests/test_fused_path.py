@@ -1,10 +1,11 @@
 """Every training path of the layer against the float64 reference and Keras.
 
 Paths: on TensorFlow, eagerly and in a plain `tf.function` (TensorFlow's
-`FusedBatchNormV3`), and under XLA (`jit_compile=True`: keras_bn's kernel);
-on JAX, eagerly and under `jax.jit` (the kernel). A spy records which ops the
-layer built (and, eagerly, ran), so that a path silently falling back to
-another cannot pass.
+`FusedBatchNormV3` for channels-last inputs; for channels-first inputs on a
+CPU, the kernel compiled by XLA as a nested function), and under XLA
+(`jit_compile=True`: keras_bn's kernel); on JAX, eagerly and under `jax.jit`
+(the kernel). A spy records which ops the layer built (and, eagerly, ran), so
+that a path silently falling back to another cannot pass.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from keras import ops
 
 import keras_bn
-from keras_bn import _train, backend
+from keras_bn import _kernels, _train, backend
 from tests import harness as h
 
 EPS = 1e-3
@@ -40,17 +41,39 @@ class Spy:
     """
 
     def __init__(self, monkeypatch):
-        self.calls = {"fused": [], "fused_grad": [], "kernel": 0}
-        kernel = backend.kernel_train
+        self.calls = {
+            "fused": [],
+            "fused_grad": [],
+            "compiled": [],
+            "kernel": 0,
+            "forward": 0,
+        }
+        kernel, forward = backend.kernel_train, _kernels.forward
 
         def count_kernel(*args, **kwargs):
             self.calls["kernel"] += 1
             return kernel(*args, **kwargs)
 
+        def count_forward(*args, **kwargs):  # the kernel, or the fused fallback
+            self.calls["forward"] += 1
+            return forward(*args, **kwargs)
+
         monkeypatch.setattr(backend, "kernel_train", count_kernel)
+        monkeypatch.setattr(_kernels, "forward", count_forward)
         if not TF:
             return
         import tensorflow as tf
+
+        from keras_bn.backend import tensorflow as tfb
+
+        compiled = tfb._compiled_kernel
+
+        def record_compiled(x, *args):
+            graph = None if tf.executing_eagerly() else x.graph
+            self.calls["compiled"].append(("", graph))
+            return compiled(x, *args)
+
+        monkeypatch.setattr(tfb, "_compiled_kernel", record_compiled)
 
         for key, name in (
             ("fused", "FusedBatchNormV3"),
@@ -75,10 +98,25 @@ class Spy:
                     types = {op.type for op in graph.get_operations()}
                     assert name in types, (name, sorted(types))
         if eager:  # the run-time fallback (a tf.cond) is taken eagerly only
-            assert self.calls["kernel"] == 0
+            assert self.calls["kernel"] == self.calls["forward"] == 0
+
+    def assert_compiled(self):
+        """The kernel as nested XLA functions (forward and backward), no op."""
+        assert self.calls["fused"] == [] and self.calls["fused_grad"] == []
+        assert self.calls["compiled"], "the compiled kernel never ran"
+        assert self.calls["kernel"] == 0
+        for _, graph in self.calls["compiled"]:
+            if graph is not None:
+                xla = [
+                    op
+                    for op in graph.get_operations()
+                    if op.node_def.attr["_XlaMustCompile"].b
+                ]
+                assert len(xla) == 2, [op.type for op in graph.get_operations()]
 
     def assert_kernel(self):
         assert self.calls["fused"] == [] and self.calls["fused_grad"] == []
+        assert self.calls["compiled"] == []
         assert self.calls["kernel"] >= 1
 
 
@@ -87,15 +125,38 @@ def spy(monkeypatch):
     return Spy(monkeypatch)
 
 
+@pytest.fixture(autouse=True)
+def any_size_fused(monkeypatch):
+    """The op for channels-last inputs of any size (these tests' are small).
+
+    `test_size_rule` tests the default: the compiled kernel below
+    `FUSED_MIN_SIZE` values.
+    """
+    if TF:
+        from keras_bn.backend import tensorflow as tfb
+
+        monkeypatch.setattr(tfb, "FUSED_MIN_SIZE", 0)
+
+
 def _mode(path: str) -> dict:
     if path == "graph" and not TF:
         pytest.skip("a tf.function without XLA is TensorFlow's path")
     return {"jit": path == "xla", "graph": path == "graph"}
 
 
-def _check_path(spy: Spy, path: str):
+def _compiled_expected(rank: int, axis: int) -> bool:
+    """Channels-first on a CPU: TensorFlow's op would transpose (see backend)."""
+    import tensorflow as tf
+
+    return axis % rank != rank - 1 and not tf.config.list_logical_devices("GPU")
+
+
+def _check_path(spy: Spy, path: str, rank: int = 4, axis: int = -1):
     if TF and path != "xla":
-        spy.assert_fused(eager=path == "eager")
+        if _compiled_expected(rank, axis):
+            spy.assert_compiled()
+        else:
+            spy.assert_fused(eager=path == "eager")
     else:
         spy.assert_kernel()
 
@@ -122,7 +183,7 @@ def _grid(rng, spy, path, rank, axis, compute):
     dy = ops.cast(rng.normal(0.0, 1.0, shape).astype("float32"), compute)
     xr, dyr = h.to_numpy(x), h.to_numpy(dy)  # the values the layers see
     a = h.run_layer(ours, x, dy, **mode)
-    _check_path(spy, path)
+    _check_path(spy, path, rank, axis)
     b = h.run_layer(theirs, x, dy, **mode)
     assert ops.convert_to_tensor(a["y"]).dtype == compute
     assert ops.convert_to_tensor(a["dx"]).dtype == compute
@@ -194,7 +255,7 @@ def test_fit_matches_keras_and_runs_the_expected_path(rng, spy, jit_compile, axi
         if model is ours:
             eager = jit_compile == "eager"
             if TF and (eager or not model.jit_compile):
-                spy.assert_fused(eager=eager)
+                _check_path(spy, "eager" if eager else "graph", 4, axis)
             else:
                 spy.assert_kernel()
     # beta's update is a sum of dy that nearly cancels (values ~1e-4): besides
@@ -238,7 +299,10 @@ def test_large_mean_falls_back_and_stays_accurate(rng, spy, path, shape, axis):
     h.assert_close(layer.moving_mean, mean, what="mean")
     h.assert_close(layer.moving_variance, var, rtol=1e-4, atol_scale=1e-4)
     if TF and path == "eager":
-        assert spy.calls["fused"] and spy.calls["kernel"] == 1  # it fell back
+        if _compiled_expected(len(shape), axis):
+            spy.assert_compiled()  # the kernel, compiled: nothing to fall back from
+        else:
+            assert spy.calls["fused"] and spy.calls["forward"] == 1  # it fell back
 
 
 @pytest.mark.parametrize("path", ["eager", "graph"])
@@ -291,3 +355,42 @@ def test_overflowing_fused_statistics_take_the_kernel(rng, graph, magnitude):
     kernel = _train_vjp(x, dy, False, graph)
     for name, a, b in zip(("y", "mean", "var", "dx"), fused, kernel, strict=True):
         np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "shape,expected",
+    [
+        ((64, 128), "compiled"),
+        ((8, 12, 12, 16), "compiled"),
+        ((64, 4096), "fused"),  # 2**18 values
+        ((None, 128), "fused"),  # a size unknown when tracing
+    ],
+)
+def test_size_rule(rng, spy, monkeypatch, shape, expected):
+    """Channels-last on a CPU: the op from `FUSED_MIN_SIZE` values, else compiled."""
+    if not TF:
+        pytest.skip("TensorFlow's fused op")
+    import tensorflow as tf
+
+    from keras_bn.backend import tensorflow as tfb
+
+    if tf.config.list_logical_devices("GPU"):
+        pytest.skip("a GPU is present: the op for all sizes")
+    monkeypatch.setattr(tfb, "FUSED_MIN_SIZE", 2**18)
+    layer = keras_bn.BatchNormalization(momentum=0.0, epsilon=EPS)
+    layer.build(shape)
+    run = (shape[0] or 64, *shape[1:])
+    x = rng.normal(0.5, 1.5, run).astype("float32")
+    step = tf.function(
+        lambda x: layer(x, training=True),
+        input_signature=[tf.TensorSpec(shape, tf.float32)],
+    )
+    y = step(tf.constant(x))
+    c = shape[-1]
+    y_ref, mean, _ = h.ref_forward(x, np.ones(c), np.zeros(c), -1, EPS)
+    h.assert_close(y, y_ref, rtol=1e-5, atol_scale=1e-5, what="y")
+    h.assert_close(layer.moving_mean, mean, what="mean")
+    if expected == "compiled":
+        assert spy.calls["compiled"] and not spy.calls["fused"]
+    else:
+        assert spy.calls["fused"] and not spy.calls["compiled"]

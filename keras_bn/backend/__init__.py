@@ -8,9 +8,10 @@ re-exported here; everything else in keras_bn is backend-neutral
 * `kernel_train(x, scale, offset, weights, *, axis, epsilon, all_reduce,
   count_epsilon)`: `keras_bn._kernels.forward` with `_kernels.backward` as its
   custom gradient; returns `(y, mean, variance)`.
-* `fused_train(x, scale, offset, *, axis, epsilon, fallback)`: the backend's
-  own fused batch-norm op, when it has one and it is faster where the step
-  runs; `(y, mean, biased variance)`, or None to use `kernel_train`.
+* `fused_train(x, scale, offset, *, axis, epsilon)`: a faster step than
+  `kernel_train` where the backend has one (TensorFlow without XLA: its fused
+  batch-norm op, or the kernel compiled by XLA as nested functions);
+  `(y, mean, biased variance)`, or None to use `kernel_train`.
 * `is_traced(x)`: inside `tf.function`/`jax.jit` (as in `fit`), not eager.
 * `cross_replica_sum()`: a function summing a tensor over the replicas of the
   current distribution strategy, or None with a single replica.

@@ -432,6 +432,11 @@ class Record:
         )
         self.runs.append(run)
         self.curves[_key(config, seed, lr)] = curve
+        self.save()
+        return run
+
+    def save(self) -> None:
+        """Writes `runs.csv` and `curves.csv` (every evaluation) to `out`."""
         _write_csv(self.out / "runs.csv", RUN_COLUMNS, self.runs)
         rows = [
             dict(config=c, seed=s, lr=lr_, **p)
@@ -439,7 +444,6 @@ class Record:
             for p in points
         ]
         _write_csv(self.out / "curves.csv", CURVE_COLUMNS, rows)
-        return run
 
 
 def choose_lr(sweep_runs: list[dict]) -> float:
@@ -675,13 +679,7 @@ def merge(
                 record.runs.append(run)
                 record.curves[key] = theirs.curves[key]
     record.runs.sort(key=lambda r: ("sweep", "table2", "ablation").index(r["phase"]))
-    _write_csv(record.out / "runs.csv", RUN_COLUMNS, record.runs)
-    rows = [
-        dict(config=c, seed=s, lr=lr_, **p)
-        for (c, s, lr_), points in record.curves.items()
-        for p in points
-    ]
-    _write_csv(record.out / "curves.csv", CURVE_COLUMNS, rows)
+    record.save()
     settings = dict(baseline_lr=baseline_lr, seeds=list(seeds))
     (record.out / "results.md").write_text(results_markdown(record, settings))
     if plot:

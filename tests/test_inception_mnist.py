@@ -285,19 +285,24 @@ def test_choose_lr():
 # --- the driver, end to end (tiny) -----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_protocol(tmp_path_factory):
-    out = tmp_path_factory.mktemp("inception")
-    result = im.protocol(
+def _run_tiny(out, **kwargs):
+    """The tiny protocol: a two-lr sweep, the Baseline and one ablation arm."""
+    return im.protocol(
         out,
         SEEDS,
         sweep_lrs=[0.03, 0.1],
         configs=["Baseline"],
         ablation=["BN-x5-same-batches"],
         verbose=False,
+        **kwargs,
         **TINY,
     )
-    return out, result
+
+
+@pytest.fixture(scope="module")
+def tiny_protocol(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inception")
+    return out, _run_tiny(out)
 
 
 def test_protocol_records_every_run(tiny_protocol):
@@ -349,16 +354,7 @@ def test_protocol_resumes_without_training_again(tiny_protocol, monkeypatch):
         raise AssertionError("trained a run that was already recorded")
 
     monkeypatch.setattr(im, "train_config", fail)
-    again = im.protocol(
-        out,
-        SEEDS,
-        sweep_lrs=[0.03, 0.1],
-        configs=["Baseline"],
-        ablation=["BN-x5-same-batches"],
-        verbose=False,
-        plot=False,
-        **TINY,
-    )
+    again = _run_tiny(out, plot=False)
     assert (out / "runs.csv").read_text() == before
     assert again["baseline_lr"] == result["baseline_lr"]
 

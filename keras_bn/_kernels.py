@@ -34,6 +34,8 @@ from typing import NamedTuple
 
 from keras import ops
 
+from keras_bn import backend
+
 AllReduce = Callable | None
 
 
@@ -73,19 +75,20 @@ def pilot_shift(x, axes: Sequence[int], weights=None):
     for i in axes:
         n *= x0.shape[i] if x0.shape[i] is not None else ops.shape(x0)[i]
     n = ops.cast(n, "float32")
-    plain = ops.sum(x0 / n, axis=axes, keepdims=True)
+    plain = _sum(x0 / n, axes, None)
     if weights is None:
         return plain
     w = ops.cast(weights, "float32")
     w0 = w[tuple(index)] if w.shape[axes[0]] != 1 else w
     w0 = ops.broadcast_to(w0, ops.shape(x0))
-    part = ops.sum(ops.where(w0 > 0, x0, 0.0) / n, axis=axes, keepdims=True)
-    seen = ops.sum(w0, axis=axes, keepdims=True)
+    part = _sum(ops.where(w0 > 0, x0, 0.0) / n, axes, None)
+    seen = _sum(w0, axes, None)
     return ops.where(seen > 0.0, part * (n / ops.maximum(seen, 1.0)), plain)
 
 
 def _sum(v, axes, all_reduce: AllReduce):
-    s = ops.sum(v, axis=axes, keepdims=True)
+    # The backend's sum: the same value, in the form its compiler runs fastest.
+    s = backend.reduce_sum(v, axes)
     return s if all_reduce is None else all_reduce(s)
 
 

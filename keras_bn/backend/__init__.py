@@ -12,6 +12,9 @@ re-exported here; everything else in keras_bn is backend-neutral
   `kernel_train` where the backend has one (TensorFlow without XLA: its fused
   batch-norm op, or the kernel compiled by XLA as nested functions);
   `(y, mean, biased variance)`, or None to use `kernel_train`.
+* `reduce_sum(v, axes)`: the sum over `axes` with `keepdims=True`, in the
+  form the backend's compiler runs fastest (the kernel's every per-channel
+  sum goes through it).
 * `is_traced(x)`: inside `tf.function`/`jax.jit` (as in `fit`), not eager.
 * `cross_replica_sum()`: a function summing a tensor over the replicas of the
   current distribution strategy, or None with a single replica.
@@ -34,6 +37,7 @@ SUPPORTED = ("tensorflow", "jax")
 API = (
     "kernel_train",
     "fused_train",
+    "reduce_sum",
     "is_traced",
     "cross_replica_sum",
     "assert_divisible",

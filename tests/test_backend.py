@@ -133,7 +133,12 @@ def test_cross_replica_sum_without_strategy_is_none():
     assert backend.cross_replica_sum() is None
 
 
-REDUCE_CASES = [((6, 5), [0]), ((4, 3, 7), [0, 2]), ((4, 3, 7), [2]), ((3, 4, 5), [0, 1])]
+REDUCE_CASES = [
+    ((6, 5), [0]),
+    ((4, 3, 7), [0, 2]),
+    ((4, 3, 7), [2]),
+    ((3, 4, 5), [0, 1]),
+]
 
 
 def _compilers():

@@ -66,14 +66,26 @@ class Spy:
 
         from keras_bn.backend import tensorflow as tfb
 
-        compiled = tfb._compiled_kernel
+        compiled, pair = tfb._compiled_kernel, tfb._compiled_pair
 
         def record_compiled(x, *args):
             graph = None if tf.executing_eagerly() else x.graph
             self.calls["compiled"].append(("", graph))
             return compiled(x, *args)
 
+        def record_pair(epsilon):
+            forward, backward = pair(epsilon)
+
+            def record_backward(*args):
+                out = backward(*args)
+                graph = None if tf.executing_eagerly() else out[0].graph
+                self.calls["compiled"].append(("", graph))
+                return out
+
+            return forward, record_backward
+
         monkeypatch.setattr(tfb, "_compiled_kernel", record_compiled)
+        monkeypatch.setattr(tfb, "_compiled_pair", record_pair)
 
         for key, name in (
             ("fused", "FusedBatchNormV3"),
@@ -105,14 +117,17 @@ class Spy:
         assert self.calls["fused"] == [] and self.calls["fused_grad"] == []
         assert self.calls["compiled"], "the compiled kernel never ran"
         assert self.calls["kernel"] == 0
+        # The step's graph (or, inside the layer's run-time `tf.cond`, the
+        # branch's graph and its gradient's) calls both halves under XLA.
+        called = set()
         for _, graph in self.calls["compiled"]:
             if graph is not None:
-                xla = [
-                    op
-                    for op in graph.get_operations()
-                    if op.node_def.attr["_XlaMustCompile"].b
-                ]
-                assert len(xla) == 2, [op.type for op in graph.get_operations()]
+                for op in graph.get_operations():
+                    if op.node_def.attr["_XlaMustCompile"].b:
+                        name = op.node_def.attr["f"].func.name
+                        called |= {h for h in ("forward", "backward") if h in name}
+        graphs = [g for _, g in self.calls["compiled"] if g is not None]
+        assert not graphs or called == {"forward", "backward"}, called
 
     def assert_kernel(self):
         assert self.calls["fused"] == [] and self.calls["fused_grad"] == []
@@ -261,6 +276,36 @@ def test_fit_matches_keras_and_runs_the_expected_path(rng, spy, jit_compile, axi
     # beta's update is a sum of dy that nearly cancels (values ~1e-4): besides
     # rtol 1e-5, an absolute floor of lr * 1e-5 (float32 rounding of a
     # gradient of order 1, times SGD's learning rate 0.01).
+    for va, vb in zip(ours.weights, theirs.weights, strict=True):
+        np.testing.assert_allclose(
+            h.to_numpy(va), h.to_numpy(vb), rtol=1e-5, atol=1e-7, err_msg=va.path
+        )
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_fit_on_a_dataset_of_unknown_batch_size(rng, spy, axis):
+    """`fit` on a `tf.data` dataset with a last partial batch, no XLA.
+
+    The batch size is unknown when the step is traced, so each path runs
+    inside the layer's run-time `tf.cond` (channels-first: the compiled
+    kernel, whose gradient once failed there; channels-last: the fused op).
+    Every weight equals Keras's model's afterwards.
+    """
+    if not TF:
+        pytest.skip("TensorFlow's tf.data and fused paths")
+    import tensorflow as tf
+
+    ours = _fit_model(keras_bn.BatchNormalization, axis)
+    theirs = _fit_model(keras.layers.BatchNormalization, axis)
+    theirs.set_weights(ours.get_weights())
+    x = rng.normal(1.0, 2.0, (40, *ours.input_shape[1:])).astype("float32")
+    y = rng.normal(size=(40, 1)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)  # 16, 16, 8
+    assert data.element_spec[0].shape[0] is None
+    for model in (ours, theirs):
+        model.compile(optimizer="sgd", loss="mse", jit_compile=False)
+        model.fit(data, epochs=1, verbose=0)
+    _check_path(spy, "graph", 4, axis)
     for va, vb in zip(ours.weights, theirs.weights, strict=True):
         np.testing.assert_allclose(
             h.to_numpy(va), h.to_numpy(vb), rtol=1e-5, atol=1e-7, err_msg=va.path

@@ -207,7 +207,12 @@ def _compiled_kernel(x, scale, offset, epsilon, data_format):
         y, mean, var, *residuals = forward(xk, scale, offset)
 
         def grad(dy, dmean, dvar):
-            return backward(xk, dy, *residuals)
+            # Identities (no copies) in the gradient's graph: a forward tensor
+            # passed straight to a function call there is not captured as
+            # `tf.cond`'s gradient needs (a step whose batch size is unknown,
+            # inside the layer's run-time `tf.cond`, failed: TensorFlow 2.21).
+            args = [tf.identity(t) for t in (xk, dy, *residuals)]
+            return backward(*args)
 
         return (y, mean, var), grad
 

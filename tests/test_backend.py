@@ -219,3 +219,19 @@ def test_reduce_sum_of_long_rows_keeps_precision(rng):
     compile_ = _compilers()["compiled"]
     got = np.asarray(compile_(lambda v: backend.reduce_sum(v * v, [0, 2]))(x))
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_reduce_sum_does_not_bar_unknown_dimensions():
+    """XLA cannot pass a dynamic dimension through a barrier (`fit` under
+    `jit_compile=True` on a dataset of unknown batch size): no barrier."""
+    if not TF:
+        pytest.skip("TensorFlow's XLA on a CPU")
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((None, 3, 7), tf.float32)
+    f = tf.function(
+        lambda v: backend.reduce_sum(v * v, [0, 2]),
+        jit_compile=True,
+        input_signature=[spec],
+    )
+    assert "opt-barrier(" not in f.experimental_get_compiler_ir(tf.ones((4, 3, 7)))()

@@ -283,13 +283,14 @@ def test_fit_matches_keras_and_runs_the_expected_path(rng, spy, jit_compile, axi
 
 
 @pytest.mark.parametrize("axis", [-1, 1])
-def test_fit_on_a_dataset_of_unknown_batch_size(rng, spy, axis):
-    """`fit` on a `tf.data` dataset with a last partial batch, no XLA.
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_fit_on_a_dataset_of_unknown_batch_size(rng, spy, jit_compile, axis):
+    """`fit` on a `tf.data` dataset with a last partial batch.
 
     The batch size is unknown when the step is traced, so each path runs
-    inside the layer's run-time `tf.cond` (channels-first: the compiled
-    kernel, whose gradient once failed there; channels-last: the fused op).
-    Every weight equals Keras's model's afterwards.
+    inside the layer's run-time `tf.cond` (without XLA, channels-first: the
+    compiled kernel, whose gradient once failed there; channels-last: the
+    fused op; under XLA the kernel). Every weight equals Keras's model's.
     """
     if not TF:
         pytest.skip("TensorFlow's tf.data and fused paths")
@@ -303,9 +304,9 @@ def test_fit_on_a_dataset_of_unknown_batch_size(rng, spy, axis):
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)  # 16, 16, 8
     assert data.element_spec[0].shape[0] is None
     for model in (ours, theirs):
-        model.compile(optimizer="sgd", loss="mse", jit_compile=False)
+        model.compile(optimizer="sgd", loss="mse", jit_compile=jit_compile)
         model.fit(data, epochs=1, verbose=0)
-    _check_path(spy, "graph", 4, axis)
+    _check_path(spy, "xla" if jit_compile else "graph", 4, axis)
     for va, vb in zip(ours.weights, theirs.weights, strict=True):
         np.testing.assert_allclose(
             h.to_numpy(va), h.to_numpy(vb), rtol=1e-5, atol=1e-7, err_msg=va.path

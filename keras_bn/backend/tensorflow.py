@@ -340,10 +340,14 @@ def reduce_sum(v, axes):
     two sums into one long running sum that loses up to 3e-5 relative on
     1.6 million values per channel; as written: 3e-7, as XLA's own split).
     Column sums (channels last) are faster as they are. With a GPU visible
-    (the step runs there) or without XLA nothing changes.
+    (the step runs there), without XLA, or where a dimension is unknown when
+    tracing nothing changes: XLA cannot pass a dynamic dimension through a
+    barrier (`fit(jit_compile=True)` on a `tf.data` dataset whose batch size
+    is unknown compiles the batch dimension as dynamic).
     """
     rank = len(v.shape)
-    if rank >= 2 and rank - 1 in axes and in_xla_context() and not _gpu_visible():
+    barred = rank >= 2 and rank - 1 in axes and None not in tuple(v.shape)
+    if barred and in_xla_context() and not _gpu_visible():
         v = tf.reduce_sum(_barrier(v), axis=-1, keepdims=True)
         axes = [a for a in axes if a != rank - 1]
         if not axes:

@@ -5,7 +5,8 @@ Compares `keras_bn.BatchNormalization` with its peers in the same process:
 * TensorFlow backend: ours without XLA (the path of `fit` with Keras's
   default `jit_compile="auto"` on a CPU: TensorFlow's fused op for
   channels-last inputs, the kernel as nested XLA functions for channels-first
-  ones) and with XLA (our kernel); Keras 3's BatchNormalization with XLA on
+  ones and for inputs below 2**18 values, such as `--shapes small`) and with
+  XLA (our kernel); Keras 3's BatchNormalization with XLA on
   and off; `tf_keras.layers.BatchNormalization` (fused for 4-D inputs; `pip
   install --no-deps tf-keras`); and the fused op alone on a 4-D view, without
   a layer (the floor of the fused path). Ratios are against ours without XLA.
@@ -429,7 +430,7 @@ def main(argv=None) -> None:
                     floor,
                     None,
                 )
-            ours = next(v for k, v in results.items() if k.startswith("keras_bn ("))
+            ours = next(v for k, v in results.items() if _is_ours(k))
             for name, (med, best, cpu) in results.items():
                 ratio = med / ours[0]
                 cpu = "-" if cpu is None else f"{cpu * 1e3:.3f}"

@@ -10,11 +10,10 @@ analytic backward pass, on a reshaped canonical view of the input.
 
 from __future__ import annotations
 
-import math
-
 from keras import ops
 
 from keras_bn import backend
+from keras_bn._kernels import canonical_view
 
 
 def batch_norm_train(
@@ -67,23 +66,3 @@ def _kernel_train(x, scale, offset, weights, axis, epsilon, all_reduce, count_ep
     if shape is not None:
         y = ops.reshape(y, shape)
     return y, mean, var
-
-
-def canonical_view(shape, axis: int):
-    """The shape `(pre, C)` or `(pre, C, post)` that `x` is reshaped to.
-
-    Collapsing the reduction axes on each side of the channel axis is free (a
-    bitcast) and measured faster under XLA on CPU: the 2-D `(N*H*W, C)`
-    column reduction beat the 4-D reduction over `(0, 1, 2)` by about 2x for
-    (32, 56, 56, 64) float32. Returns None when the shape is already canonical
-    or a collapsed size is unknown when tracing.
-    """
-    rank = len(shape)
-    before, after = shape[:axis], shape[axis + 1 :]
-    if rank <= 2 or (rank == 3 and axis == 1):
-        return None
-    if any(d is None for d in after) or sum(d is None for d in before) > 1:
-        return None
-    pre = -1 if any(d is None for d in before) else math.prod(before)
-    post = math.prod(after)
-    return (pre, shape[axis]) if post == 1 else (pre, shape[axis], post)

@@ -95,7 +95,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
     `tf.distribute` strategies) it trains with TensorFlow's fused op
     (`FusedBatchNormV3`, as `tf_keras` does), falling back per batch to the
     kernel where the op's unshifted float32 sums would lose accuracy (a mean
-    far from zero) or overflow.
+    far from zero) or overflow; on a CPU, channels-first inputs and small
+    inputs of a known size train with the kernel compiled by XLA as nested
+    functions instead, which is faster there.
 
     During training the layer returns, per channel,
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9's GPU rows in one run, for a session lent a GPU (Keras on JAX).
 #
-# Here, once:  bash ../shared/gpu/fetch-wheels.sh   (Keras wheels into .whl/)
+# Here, once:  bash scripts/fetch-gpu-wheels.sh   (Keras wheels into .whl/)
 # On the device (carry [".whl"]; about 6-8 minutes on an H100/H200):
 #   bash scripts/gpu_issue9.sh
 # It writes to $OUT (default ./gpu_out):

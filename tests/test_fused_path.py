@@ -253,13 +253,29 @@ def _fit_model(bn, axis):
     )
 
 
+def _twin_models(axis):
+    """keras_bn's model and Keras's, with the same weights."""
+    ours = _fit_model(keras_bn.BatchNormalization, axis)
+    theirs = _fit_model(keras.layers.BatchNormalization, axis)
+    theirs.set_weights(ours.get_weights())
+    return ours, theirs
+
+
+def _assert_same_weights(ours, theirs):
+    # beta's update is a sum of dy that nearly cancels (values ~1e-4): besides
+    # rtol 1e-5, an absolute floor of lr * 1e-5 (float32 rounding of a
+    # gradient of order 1, times SGD's learning rate 0.01).
+    for va, vb in zip(ours.weights, theirs.weights, strict=True):
+        np.testing.assert_allclose(
+            h.to_numpy(va), h.to_numpy(vb), rtol=1e-5, atol=1e-7, err_msg=va.path
+        )
+
+
 @pytest.mark.parametrize("axis", [-1, 1])
 @pytest.mark.parametrize("jit_compile", ["auto", False, True, "eager"])
 def test_fit_matches_keras_and_runs_the_expected_path(rng, spy, jit_compile, axis):
     """3 SGD steps: every weight equals Keras's model's (moving statistics too)."""
-    ours = _fit_model(keras_bn.BatchNormalization, axis)
-    theirs = _fit_model(keras.layers.BatchNormalization, axis)
-    theirs.set_weights(ours.get_weights())
+    ours, theirs = _twin_models(axis)
     x = rng.normal(1.0, 2.0, (48, *ours.input_shape[1:])).astype("float32")
     y = rng.normal(size=(48, 1)).astype("float32")
     for model in (ours, theirs):
@@ -273,13 +289,7 @@ def test_fit_matches_keras_and_runs_the_expected_path(rng, spy, jit_compile, axi
                 _check_path(spy, "eager" if eager else "graph", 4, axis)
             else:
                 spy.assert_kernel()
-    # beta's update is a sum of dy that nearly cancels (values ~1e-4): besides
-    # rtol 1e-5, an absolute floor of lr * 1e-5 (float32 rounding of a
-    # gradient of order 1, times SGD's learning rate 0.01).
-    for va, vb in zip(ours.weights, theirs.weights, strict=True):
-        np.testing.assert_allclose(
-            h.to_numpy(va), h.to_numpy(vb), rtol=1e-5, atol=1e-7, err_msg=va.path
-        )
+    _assert_same_weights(ours, theirs)
 
 
 @pytest.mark.parametrize("axis", [-1, 1])
@@ -296,9 +306,7 @@ def test_fit_on_a_dataset_of_unknown_batch_size(rng, spy, jit_compile, axis):
         pytest.skip("TensorFlow's tf.data and fused paths")
     import tensorflow as tf
 
-    ours = _fit_model(keras_bn.BatchNormalization, axis)
-    theirs = _fit_model(keras.layers.BatchNormalization, axis)
-    theirs.set_weights(ours.get_weights())
+    ours, theirs = _twin_models(axis)
     x = rng.normal(1.0, 2.0, (40, *ours.input_shape[1:])).astype("float32")
     y = rng.normal(size=(40, 1)).astype("float32")
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)  # 16, 16, 8
@@ -307,10 +315,7 @@ def test_fit_on_a_dataset_of_unknown_batch_size(rng, spy, jit_compile, axis):
         model.compile(optimizer="sgd", loss="mse", jit_compile=jit_compile)
         model.fit(data, epochs=1, verbose=0)
     _check_path(spy, "xla" if jit_compile else "graph", 4, axis)
-    for va, vb in zip(ours.weights, theirs.weights, strict=True):
-        np.testing.assert_allclose(
-            h.to_numpy(va), h.to_numpy(vb), rtol=1e-5, atol=1e-7, err_msg=va.path
-        )
+    _assert_same_weights(ours, theirs)
 
 
 def test_auto_jit_compile_is_no_xla_on_tensorflow_cpu():

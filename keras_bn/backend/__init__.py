@@ -13,8 +13,9 @@ re-exported here; everything else in keras_bn is backend-neutral
   batch-norm op, or the kernel compiled by XLA as nested functions);
   `(y, mean, biased variance)`, or None to use `kernel_train`.
 * `reduce_sum(v, axes)`: the sum over `axes` with `keepdims=True`, in the
-  form the backend's compiler runs fastest (the kernel's every per-channel
-  sum goes through it).
+  form the backend's compiler runs fastest (the kernel's one-pass forward
+  sums and its backward sums go through it; the rare rescaled recompute for
+  overflowing inputs does not).
 * `is_traced(x)`: inside `tf.function`/`jax.jit` (as in `fit`), not eager.
 * `cross_replica_sum()`: a function summing a tensor over the replicas of the
   current distribution strategy, or None with a single replica.

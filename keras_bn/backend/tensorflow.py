@@ -5,9 +5,10 @@ The fused op (`FusedBatchNormV3` and its registered gradient
 `tf_keras` trains with. keras_bn uses it when the step is *not* compiled by
 XLA: eagerly, and in a plain `tf.function` such as `fit`'s train step with
 `compile(jit_compile=False)` or Keras's default `"auto"` on CPU-only
-machines and under `tf.distribute` strategies; except for channels-first
-inputs on a CPU, where the kernel of `keras_bn._kernels`, compiled by XLA as
-nested functions, is faster (`fused_train`). Under XLA (`jit_compile=True`)
+machines and under `tf.distribute` strategies; except on a CPU for
+channels-first inputs and for inputs of a known size below `FUSED_MIN_SIZE`
+values, where the kernel of `keras_bn._kernels`, compiled by XLA as nested
+functions, is faster (`fused_train`). Under XLA (`jit_compile=True`)
 that kernel compiles into the step, so the op is not used there. Under XLA
 on a CPU the kernel's sums over the last axis take a form XLA runs faster
 (`reduce_sum`).
@@ -70,15 +71,24 @@ def in_xla_context() -> bool:
     return control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph())
 
 
+def _capturable(t):
+    """`t` through an Identity (no copy), for TensorFlow's `tf.cond` gradient.
+
+    Inside the layer's run-time `tf.cond` (a batch size unknown when
+    tracing, as in `fit` on a `tf.data` dataset), cond_v2's gradient cannot
+    find a tensor that a custom gradient takes as input, or that its
+    gradient passes straight to a nested function call, unless it is an
+    op's output in the branch (TensorFlow 2.21: an AssertionError in
+    `_resolve_grad_inputs`, or "Could not find external tensor capture").
+    """
+    return tf.identity(t)
+
+
 @_plain_python
 def kernel_train(
     x, scale, offset, weights, *, axis, epsilon, all_reduce, count_epsilon
 ):
-    # Without this Identity (no copy), a custom gradient whose input is a tensor
-    # captured by a `tf.cond` branch (the fused path's fallback, inside the
-    # layer's run-time cond for an unknown batch size) fails cond_v2's
-    # gradient (an AssertionError in `_resolve_grad_inputs`, TensorFlow 2.21).
-    x = tf.identity(x)
+    x = _capturable(x)
 
     @tf.custom_gradient
     def train(x, scale, offset):
@@ -157,8 +167,7 @@ def fused_train(x, scale, offset, *, axis, epsilon):
     compiled = (data_format == "NCHW" or small) and not _gpu_visible()
     if not compiled and epsilon < FUSED_MIN_EPSILON:
         return None
-    # An Identity (no copy), for the same reason as in `kernel_train`.
-    x = tf.identity(tf.convert_to_tensor(x))
+    x = _capturable(tf.convert_to_tensor(x))
     x4 = x if shape4 is None else tf.reshape(x, shape4)
     if compiled:
         y4, mean, var = _compiled_kernel(x4, scale, offset, epsilon, data_format)
@@ -210,12 +219,7 @@ def _compiled_kernel(x, scale, offset, epsilon, data_format):
         y, mean, var, *residuals = forward(xk, scale, offset)
 
         def grad(dy, dmean, dvar):
-            # Identities (no copies) in the gradient's graph: a forward tensor
-            # passed straight to a function call there is not captured as
-            # `tf.cond`'s gradient needs (a step whose batch size is unknown,
-            # inside the layer's run-time `tf.cond`, failed: TensorFlow 2.21).
-            args = [tf.identity(t) for t in (xk, dy, *residuals)]
-            return backward(*args)
+            return backward(*(_capturable(t) for t in (xk, dy, *residuals)))
 
         return (y, mean, var), grad
 
@@ -238,7 +242,7 @@ def _guarded_fused(x, scale, offset, epsilon, data_format):
     nhwc = data_format == "NHWC"
     channels = x.shape[3 if nhwc else 1]
     kview = _kernel_view(x.shape, data_format)
-    bshape = (1, channels) if nhwc else (1, channels, 1)
+    bshape = _kernels.broadcast_shape(len(kview), 1, channels)
     if x.shape.is_fully_defined():
         count = float(x.shape.num_elements() // channels)
         bessel = (count - 1.0) / max(count, 1.0)
@@ -307,13 +311,8 @@ def _guarded_fused(x, scale, offset, epsilon, data_format):
 
 
 def _kernel_view(shape4, data_format):
-    """The kernel's canonical view (as `keras_bn._train.canonical_view`).
-
-    `(N*H*W, C)` for NHWC, `(N, C, H*W)` for NCHW.
-    """
-    if data_format == "NHWC":
-        return (-1, shape4[3])
-    return (-1, shape4[1], shape4[2] * shape4[3])
+    """The kernel's canonical view of a 4-D input: `(N*H*W, C)` or `(N, C, H*W)`."""
+    return _kernels.canonical_view(shape4, 3 if data_format == "NHWC" else 1)
 
 
 @_plain_python
@@ -336,12 +335,13 @@ def reduce_sum(v, axes):
 
     TensorFlow 2.21's XLA on a CPU splits a sum over the last (contiguous)
     axis of a product, such as `sum(x * x)` over (N, C, H*W), into three
-    `reduce-window` passes over a materialized product: 3.4 ms for (32, 64,
-    3136), against 1.0 ms when an optimization barrier keeps the product
-    from being rewritten, so that it fuses into one loop with the sum. The
-    rows are summed first, then the row sums (barred too, or XLA merges the
-    two sums into one long running sum that loses up to 3e-5 relative on
-    1.6 million values per channel; as written: 3e-7, as XLA's own split).
+    `reduce-window` passes over a materialized product: 3.5-4.0 ms for (32,
+    64, 3136), against 0.43-0.51 ms when an optimization barrier keeps the
+    product from being rewritten, so that it fuses into one loop with the
+    sum. The rows are summed first, then the row sums (barred too, or XLA
+    merges the two sums into one long running sum that loses 2.7e-5 relative
+    on 1.6 million values per channel; as written: 2.3e-7). Measured by
+    `bench/xla_row_sums.py` on the project's 2-core VM.
     Column sums (channels last) are faster as they are. With a GPU visible
     (the step runs there), without XLA, or where a dimension is unknown when
     tracing nothing changes: XLA cannot pass a dynamic dimension through a

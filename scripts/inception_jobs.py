@@ -10,7 +10,7 @@ Finally it merges every job folder into `OUT` (`--merge`), which writes
 whose folder already records its run is skipped by the protocol itself.
 
     KERAS_BACKEND=jax python scripts/inception_jobs.py --out runs/inception \
-        --workers 2 -- --width 8 --cap 20000 --window 4000 --eval-every 250 \
+        --workers 2 -- --width 8 --cap 30000 --window 4000 --eval-every 250 \
         --eval-size 5000 --smooth 4
 
 Arguments after `--` are passed to every job (network size, cap, windows).
@@ -141,7 +141,10 @@ def main() -> int:
     )
     _run_all(jobs, args.workers, env)
     folders = [f for f, _ in sweep] + [f for f, _ in jobs]
-    smooth = rest[rest.index("--smooth") + 1] if "--smooth" in rest else None
+    # The forwarded `--smooth` (as `--smooth 4` or `--smooth=4`), for the merge.
+    forwarded = argparse.ArgumentParser(add_help=False)
+    forwarded.add_argument("--smooth")
+    smooth = forwarded.parse_known_args(rest)[0].smooth
     merge = [
         sys.executable,
         str(SCRIPT),

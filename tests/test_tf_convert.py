@@ -1,9 +1,9 @@
 """Tests for converters._tf_convert (TensorFlow backend only)."""
 
-import collections
-
 import keras
 import pytest
+
+from converters.export import node_counts
 
 L = keras.layers
 pytestmark = pytest.mark.skipif(
@@ -23,10 +23,6 @@ def _mobilenet_head():
     return keras.Model(inp, L.Reshape((5,))(x))
 
 
-def _ops(proto) -> dict:
-    return dict(collections.Counter(n.op_type for n in proto.graph.node))
-
-
 def _convert(model):
     from converters._tf_convert import signature_of, to_onnx
 
@@ -42,7 +38,7 @@ def test_result_is_a_fixed_point_of_tf2onnx_optimizers():
     assert [n.op_type for n in again.graph.node] == [
         n.op_type for n in proto.graph.node
     ]
-    assert "Shape" not in _ops(proto)  # the Reshape's shape is a constant
+    assert "Shape" not in node_counts(proto)  # the Reshape's shape is a constant
 
 
 def test_optimizer_loop_that_stops_early_is_finished(monkeypatch):
@@ -53,7 +49,7 @@ def test_optimizer_loop_that_stops_early_is_finished(monkeypatch):
 
     keras.utils.set_random_seed(0)
     model = _mobilenet_head()
-    expected = _ops(_convert(model))
+    expected = node_counts(_convert(model))
 
     full = tf2onnx_optimizer.optimize_graph
     calls = []
@@ -68,6 +64,6 @@ def test_optimizer_loop_that_stops_early_is_finished(monkeypatch):
         return graph
 
     monkeypatch.setattr(tf2onnx_optimizer, "optimize_graph", one_round_first)
-    got = _ops(_convert(model))
+    got = node_counts(_convert(model))
     assert got == expected
     assert len(calls) >= 2  # tf2onnx's loop, then ours

@@ -103,6 +103,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise SystemExit(
+            "dense_floor.py measures TensorFlow's paths: run it with "
+            f"KERAS_BACKEND=tensorflow (Keras runs on {keras.backend.backend()!r})."
+        )
     import tensorflow as tf
 
     import keras_bn

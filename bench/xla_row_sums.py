@@ -72,6 +72,11 @@ def main(argv=None) -> None:
     import keras
 
     backend = keras.backend.backend()
+    if backend not in ("tensorflow", "jax"):
+        raise SystemExit(
+            f"xla_row_sums.py times XLA: set KERAS_BACKEND to 'tensorflow' or "
+            f"'jax' (Keras runs on {backend!r})."
+        )
     print(f"backend={backend} keras={keras.__version__} cpus={os.cpu_count()}")
     print("| kind | shape | form | median ms | max rel. error vs float64 |")
     print("|---|---|---|---|---|")
@@ -84,7 +89,7 @@ def main(argv=None) -> None:
 
             forms, fetch = _tf_forms(list(axes))
             xs = tf.constant(x)
-        else:
+        else:  # jax, checked above
             import jax
 
             forms, fetch = _jax_forms(axes)

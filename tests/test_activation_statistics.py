@@ -12,6 +12,7 @@ import pytest
 import keras_bn
 from keras_bn.callbacks import SATURATION_THRESHOLDS, ActivationStatistics
 from keras_bn.callbacks.activation_statistics import _percentiles
+from tests._events import read_events, tensorboard_writer_available
 
 # Percentiles are computed in float64 from the float32 probe outputs, so the
 # only difference to the reference is the float32 forward itself (XLA-compiled
@@ -174,7 +175,7 @@ def test_probe_compiled_once_and_reduced_inside(rng):
     stats = _CountTraces("act1", probe_data=x[:40], every_n_batches=1, unit=3)
     for _ in range(2):
         model.fit(x, y, batch_size=16, epochs=2, callbacks=[stats], verbose=0)
-    assert len(stats.history) == 13
+    assert len(stats.history) == 26  # 13 records (steps 0-12) per fit
     assert _CountTraces.traces == 1
     (values,) = stats._probe.run()
     assert values.shape == (40,) and values.dtype == np.float32
@@ -227,7 +228,9 @@ def test_percentiles_nan_like_numpy():
     # the record due at 8 lands on the first execution end past it, 10.
     [(1, [0, 4, 8, 12]), (2, [0, 4, 8, 12]), (4, [0, 4, 10, 12])],
 )
-def test_schedule_history_columns_and_reset(rng, steps_per_execution, expected_steps):
+def test_schedule_history_columns_and_continuation(
+    rng, steps_per_execution, expected_steps
+):
     model = _model(rng)
     model.compile(
         keras.optimizers.SGD(0.1),
@@ -239,8 +242,9 @@ def test_schedule_history_columns_and_reset(rng, steps_per_execution, expected_s
     stats = ActivationStatistics(
         ["act1", "d2"], probe_data=(x[:8], y[:8]), every_n_batches=4
     )
-    for _ in range(2):  # the second fit must start a fresh history
+    for fit in range(2):  # the second fit continues at the optimizer's step 12
         model.fit(x, y, batch_size=16, epochs=2, callbacks=[stats], verbose=0)
+        steps = [s + 12 * k for k in range(fit + 1) for s in expected_steps]
         d = stats.history.as_dict()
         assert list(d) == [
             "step",
@@ -254,14 +258,26 @@ def test_schedule_history_columns_and_reset(rng, steps_per_execution, expected_s
             "std",
             "saturated",
         ]
-        assert d["step"][::2] == expected_steps
-        assert d["epoch"][::2] == [0, 0, 1, 1]
-        assert d["layer"] == ["act1", "d2"] * 4
-        assert d["tensor"] == ["input"] * 8
-        assert len(stats.history) == 8
-        assert stats.history.series("d2", "step")[0] == expected_steps
+        assert d["step"][::2] == steps
+        assert d["epoch"][::2] == [0, 0, 1, 1] * (fit + 1)
+        assert d["layer"] == ["act1", "d2"] * 4 * (fit + 1)
+        assert d["tensor"] == ["input"] * 8 * (fit + 1)
+        assert stats.history.series("d2", "step")[0] == steps
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 24
     frame = stats.history.to_dataframe()
-    assert frame.shape == (8, 10)
+    assert frame.shape == (16, 10)
+    stats.history.clear()
+    assert len(stats.history) == 0
+
+
+def test_step_is_the_optimizers(rng):
+    """Training before the callback is attached moves its step axis."""
+    model = _model(rng)
+    x, y = _data(rng)  # 6 batches per epoch
+    model.fit(x[:48], y[:48], batch_size=16, epochs=1, verbose=0)  # 3 steps
+    stats = ActivationStatistics("act1", probe_data=x[:8], every_n_batches=4)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
+    assert stats.history.as_dict()["step"] == [3, 4, 8, 9]
 
 
 @pytest.mark.parametrize(
@@ -314,6 +330,36 @@ def test_csv_written_and_files_closed(rng, tmp_path):
     np.testing.assert_allclose([float(r["p50"]) for r in rows], d["p50"], rtol=1e-12)
 
 
+def test_csv_appended_by_a_second_fit_and_header_checked(rng, tmp_path):
+    model = _model(rng)
+    x, y = _data(rng)
+    path = tmp_path / "act.csv"
+    stats = ActivationStatistics(
+        "act1", probe_data=x[:16], every_n_batches=3, csv_path=path
+    )
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
+    # A new callback object (a resumed script) appends too.
+    again = ActivationStatistics(
+        "act1", probe_data=x[:16], every_n_batches=3, csv_path=path
+    )
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[again], verbose=0)
+    with open(path, newline="") as f:
+        lines = f.read().splitlines()
+    assert lines.count(lines[0]) == 1  # one header
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 3, 6, 6, 9, 12]
+    assert [int(r["step"]) for r in rows[3:]] == again.history.as_dict()["step"]
+
+    other = ActivationStatistics(
+        "act1", probe_data=x[:16], percentiles=(10, 90), csv_path=path
+    )
+    with pytest.raises(ValueError, match=r"act\.csv.*header.*another `csv_path`"):
+        model.fit(x, y, batch_size=16, epochs=1, callbacks=[other], verbose=0)
+    with open(path, newline="") as f:
+        assert f.read().splitlines() == lines  # left as it was
+
+
 class _CsvLines(keras.callbacks.Callback):
     def __init__(self, path):
         super().__init__()
@@ -337,33 +383,22 @@ def test_csv_flushed_at_each_epoch_end(rng, tmp_path):
     assert lines.lines == [5, 8]
 
 
-def _read_events(log_dir):
-    import tensorflow as tf
-
-    scalars, histograms = {}, set()
-    for path in sorted(log_dir.rglob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                array = tf.make_ndarray(value.tensor)
-                if array.ndim == 0:
-                    scalars[(value.tag, event.step)] = float(array)
-                else:
-                    histograms.add((value.tag, event.step))
-    return scalars, histograms
-
-
-def test_tensorboard_events_readable(rng, tmp_path):
-    pytest.importorskip("tensorflow", reason="tf.summary writes the event files")
-    pytest.importorskip("tensorboard", reason="tf.summary needs tensorboard")
+def test_tensorboard_events_readable_and_continued(rng, tmp_path):
+    tensorboard_writer_available()
     model = _model(rng)
     x, y = _data(rng)
     stats = ActivationStatistics(
         "act1", probe_data=x[:16], every_n_batches=3, log_dir=tmp_path
     )
-    model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
+    for _ in range(2):  # the second fit's curves continue at step 6
+        model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
     assert stats._tb is None  # closed in on_train_end
-    scalars, histograms = _read_events(tmp_path)
+    scalars, histograms = read_events(tmp_path)
     d = stats.history.as_dict()
+    assert sorted(set(d["step"])) == [0, 3, 6, 9, 12]
+    assert {s for t, s in scalars if t == "activations/act1/input/p50"} == set(
+        d["step"]
+    )
     for step, p50, std in zip(d["step"], d["p50"], d["std"], strict=True):
         assert scalars[("activations/act1/input/p50", step)] == pytest.approx(
             p50, rel=1e-6

@@ -11,6 +11,7 @@ import pytest
 import keras_bn
 from keras_bn.callbacks import BatchNormStatistics
 from keras_bn.callbacks.batchnorm_statistics import _STATISTICS
+from tests._events import read_events, tensorboard_writer_available
 
 # Statistics are computed in float64 from float32 probe outputs; the reference
 # differs only by the float32 forward (compiled probe vs. eager): rtol 1e-5,
@@ -211,10 +212,7 @@ def test_training_mode_probe_uses_batch_statistics_upstream(rng):
 
 
 def test_csv_and_tensorboard(rng, tmp_path):
-    pytest.importorskip("tensorflow", reason="tf.summary writes the event files")
-    pytest.importorskip("tensorboard", reason="tf.summary needs tensorboard")
-    import tensorflow as tf
-
+    tensorboard_writer_available()
     model = _compile(_dense_model(rng, keras.layers.BatchNormalization))
     x, y = _data(rng, (5,))
     stats = BatchNormStatistics(
@@ -245,15 +243,7 @@ def test_csv_and_tensorboard(rng, tmp_path):
     np.testing.assert_allclose(
         [float(r["mean_gap"]) for r in rows], d["mean_gap"], rtol=1e-12
     )
-    scalars, histograms = {}, set()
-    for path in (tmp_path / "tb").rglob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                array = tf.make_ndarray(value.tensor)
-                if array.ndim == 0:
-                    scalars[(value.tag, event.step)] = float(array)
-                else:
-                    histograms.add((value.tag, event.step))
+    scalars, histograms = read_events(tmp_path / "tb")
     for step, layer, gap in zip(d["step"], d["layer"], d["mean_gap"], strict=True):
         assert scalars[(f"batchnorm/{layer}/mean_gap", step)] == pytest.approx(
             gap, rel=1e-6
@@ -300,3 +290,41 @@ def test_bad_arguments(kwargs, error, match):
     args = {"probe_data": np.zeros((4, 5), "float32"), **kwargs}
     with pytest.raises(error, match=match):
         BatchNormStatistics(**args)
+
+
+def test_second_fit_continues_history_and_csv(rng, tmp_path):
+    model = _compile(_dense_model(rng, keras_bn.BatchNormalization))
+    x, y = _data(rng, (5,))  # 4 batches per epoch
+    stats = BatchNormStatistics(
+        probe_data=x[:16],
+        layers=["bn2"],
+        every_n_batches=3,
+        csv_path=tmp_path / "b.csv",
+    )
+    for _ in range(2):
+        model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
+    steps = [0, 3, 4, 4, 6, 8]
+    assert stats.history.as_dict()["step"] == steps
+    with open(tmp_path / "b.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == steps
+    # After the second fit, the record at its start (step 4) matches the
+    # moving statistics the first fit ended with: the same weights.
+    rows = stats.history.rows()
+    assert rows[2] == {**rows[3], "epoch": rows[2]["epoch"]}
+
+
+def test_plot_writes_png(rng, tmp_path):
+    pytest.importorskip("matplotlib")
+    model = _compile(_dense_model(rng, keras_bn.BatchNormalization))
+    x, y = _data(rng, (5,))
+    stats = BatchNormStatistics(probe_data=x[:16], every_n_batches=2)
+    with pytest.raises(ValueError, match="history is empty"):
+        stats.plot(tmp_path / "empty.png")
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[stats], verbose=0)
+    path = stats.plot(tmp_path / "gaps.png", title="t")
+    assert path == str(tmp_path / "gaps.png")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    stats.plot(tmp_path / "one.png", layers=["bn1"])
+    with pytest.raises(ValueError, match="Unknown layers"):
+        stats.plot(tmp_path / "x.png", layers=["nope"])

@@ -10,7 +10,7 @@ import keras
 
 from keras_bn.callbacks._history import StatisticsHistory
 from keras_bn.callbacks._probe import Probe, check_probe
-from keras_bn.callbacks._writers import CsvWriter, TensorBoardWriter
+from keras_bn.callbacks._writers import CsvWriter, tensorboard_writer
 
 
 def check_every_n_batches(value) -> int:
@@ -26,14 +26,29 @@ def check_every_n_batches(value) -> int:
     return int(value)
 
 
+def optimizer_step(model) -> int:
+    """The training steps `model`'s optimizer has taken (0 without one)."""
+    optimizer = getattr(model, "optimizer", None)
+    iterations = getattr(optimizer, "iterations", None)
+    if iterations is None:
+        return 0
+    return int(keras.ops.convert_to_numpy(iterations))
+
+
 class StatisticsCallback(keras.callbacks.Callback):
     """Base class: records statistics of a fixed probe batch every N batches.
 
-    Records once at the start of training (step 0), then whenever the global
-    step (batches trained since `on_train_begin`, across epochs) reaches a
-    multiple of `every_n_batches`, and at the end of training. With
-    `steps_per_execution > 1`, Keras calls batch callbacks once per execution,
-    so a record lands on the first execution end at or past each multiple.
+    The step is the optimizer's: `model.optimizer.iterations` at the start of
+    `fit`, plus the batches trained since. A second `fit` (a fine-tuning
+    phase, a resumed run) therefore continues the step axis, the history, the
+    CSV file (appended to) and the TensorBoard curves of the first instead of
+    starting them again at 0. `history.clear()` forgets the earlier rows.
+
+    Records once at the start of each `fit` (at the optimizer's step then),
+    whenever the step reaches a multiple of `every_n_batches`, and at the end
+    of training. With `steps_per_execution > 1`, Keras calls batch callbacks
+    once per execution, so a record lands on the first execution end at or
+    past each multiple.
 
     A record due after step s is taken in `on_train_batch_begin` of the next
     batch (the same weights: nothing changes them in between), or in
@@ -147,8 +162,8 @@ class StatisticsCallback(keras.callbacks.Callback):
 
     # -- lifecycle ---------------------------------------------------------
     def on_train_begin(self, logs=None):
-        self.history.clear()
-        self._step = self._epoch = self._epoch_start = self._epoch_done = 0
+        self._step = self._epoch_start = optimizer_step(self.model)
+        self._epoch = self._epoch_done = 0
         self._last_recorded = None
         tensors = self._tensors(self.model)
         # Reuse the compiled probe only for the very same model and tensors
@@ -165,7 +180,7 @@ class StatisticsCallback(keras.callbacks.Callback):
         self._probe.refresh()
         self.close()
         if self.log_dir is not None:
-            self._tb = TensorBoardWriter(self.log_dir, self._tb_prefix)
+            self._tb = tensorboard_writer(self.log_dir, self._tb_prefix)
         if self.csv_path is not None:
             self._csv = CsvWriter(self.csv_path, self.history.columns)
         self.record()

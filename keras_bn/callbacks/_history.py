@@ -38,7 +38,7 @@ class StatisticsHistory:
         self._rows.append(tuple(row[c] for c in self.columns))
 
     def clear(self) -> None:
-        """Removes every row (the callbacks call it in `on_train_begin`)."""
+        """Removes every row (the callbacks keep their rows across `fit` calls)."""
         self._rows.clear()
 
     def __len__(self) -> int:

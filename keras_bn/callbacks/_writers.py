@@ -14,26 +14,36 @@ from keras_bn.callbacks._history import is_nan
 class CsvWriter:
     """Appends history rows to a CSV file with a header (style of `CSVLogger`).
 
-    Rows are buffered; `flush` (called by the callbacks at each epoch end) and
-    `close` write them out.
+    A new or empty file gets the header first. An existing file is appended
+    to, so that the rows of a second `fit` (or of a resumed run) continue the
+    first's; its header must then be exactly `columns`, or a `ValueError`
+    names the file and what to do. Rows are buffered; `flush` (called by the
+    callbacks at each epoch end) and `close` write them out.
 
     Args:
-        path: The file to write; its folder is created if needed. An existing
-            file is overwritten when `append=False`.
+        path: The file to write; its folder is created if needed.
         columns: The header.
-        append: Add to an existing file instead of overwriting it (the header is
-            written only if the file is new or empty).
     """
 
-    def __init__(self, path: str | os.PathLike, columns: Sequence[str], append=False):
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str]):
         path = os.fspath(path)
+        self._columns = tuple(columns)
         folder = os.path.dirname(path)
         if folder:
             os.makedirs(folder, exist_ok=True)
-        has_data = append and os.path.isfile(path) and os.path.getsize(path) > 0
-        self._file = open(path, "a" if append else "w", newline="")  # noqa: SIM115
+        has_data = os.path.isfile(path) and os.path.getsize(path) > 0
+        if has_data:
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if tuple(header) != self._columns:
+                raise ValueError(
+                    f"Cannot append to the CSV file {path!r}: its header is "
+                    f"{header}, but this callback writes the columns "
+                    f"{list(self._columns)}. Pass another `csv_path`, or delete "
+                    f"or rename the file to start a new one."
+                )
+        self._file = open(path, "a", newline="")  # noqa: SIM115
         self._writer = csv.writer(self._file)
-        self._columns = tuple(columns)
         if not has_data:
             self._writer.writerow(self._columns)
 
@@ -63,14 +73,87 @@ def _import_tf_summary():
     return tf
 
 
+def _finite_histograms(histograms: dict) -> dict:
+    """`{tag: float64 vector}` of the finite values; empty histograms dropped."""
+    out = {}
+    for tag, values in histograms.items():
+        v = np.asarray(values, dtype="float64").ravel()
+        v = v[np.isfinite(v)]
+        if v.size:
+            out[tag] = v
+    return out
+
+
+def tensorboard_writer(log_dir: str | os.PathLike, prefix: str):
+    """The TensorBoard writer for the running Keras backend.
+
+    TensorFlow backend: `tf.summary` (TensorFlow is loaded already, and its
+    `tensorboard` dependency is installed with it). JAX and torch backends:
+    tensorboardX, so that logging neither needs TensorFlow nor loads it into
+    the process.
+    """
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        return TensorBoardWriter(log_dir, prefix)
+    return TensorBoardXWriter(log_dir, prefix)
+
+
+class TensorBoardXWriter:
+    """Writes scalars and histograms to TensorBoard event files via tensorboardX.
+
+    Needs neither TensorFlow nor a Keras backend: the values are NumPy arrays
+    computed by the callback. Scalars NaN are skipped; histograms hold the
+    finite values (empty ones are skipped).
+
+    Args:
+        log_dir: The folder for the event files.
+        prefix: Prepended to every tag, e.g. `"activations"`.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, prefix: str):
+        try:
+            from tensorboardX import SummaryWriter
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(
+                "TensorBoard logging (`log_dir=...`) on the JAX and torch "
+                "backends writes event files with tensorboardX: pip install "
+                "tensorboardX (or keras-bn[tensorboard]), or pass log_dir=None."
+            ) from e
+        self._prefix = prefix
+        # flush_secs: flushed by `flush()` at each epoch end, not by a timer.
+        self._writer = SummaryWriter(os.fspath(log_dir), flush_secs=3600)
+
+    def write(self, step: int, scalars: dict, histograms: dict) -> None:
+        """Writes `{tag: float}` scalars and `{tag: array}` histograms at `step`."""
+        step = int(step)
+        for tag, value in scalars.items():
+            if not is_nan(value):
+                self._writer.add_scalar(f"{self._prefix}/{tag}", float(value), step)
+        for tag, values in _finite_histograms(histograms).items():
+            self._writer.add_histogram(
+                f"{self._prefix}/{tag}", values, step, bins="tensorflow"
+            )
+
+    def flush(self) -> None:
+        """Writes the buffered events to disk (the callbacks: every epoch)."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
 class TensorBoardWriter:
     """Writes scalars and histograms to TensorBoard event files via `tf.summary`.
 
-    Works on every Keras backend as long as TensorFlow is importable: the values
-    are NumPy arrays computed by the callback, so no tensor crosses backends.
-    One record's summaries are written by one `tf.function` call (traced once
-    per set of tags), not op by op in eager mode, which costs about 1-2 ms per
-    summary.
+    Used on the TensorFlow backend (`tensorboard_writer`); it works on any
+    backend where TensorFlow is importable, since the values are NumPy arrays
+    computed by the callback. One record's summaries are written by one
+    `tf.function` call (traced once per set of tags), not op by op in eager
+    mode, which costs about 1-2 ms per summary.
 
     Args:
         log_dir: The folder for the event files.
@@ -100,13 +183,10 @@ class TensorBoardWriter:
 
     def write(self, step: int, scalars: dict, histograms: dict) -> None:
         """Writes `{tag: float}` scalars (NaN skipped) and `{tag: array}`
-        histograms (empty ones skipped) at `step`."""
+        histograms (of the finite values; empty ones skipped) at `step`."""
         tf = self._tf
         scalars = {t: float(v) for t, v in scalars.items() if not is_nan(v)}
-        histograms = {
-            t: np.asarray(v, dtype="float64").ravel() for t, v in histograms.items()
-        }
-        histograms = {t: v for t, v in histograms.items() if v.size}
+        histograms = _finite_histograms(histograms)
         key = (
             tuple(f"{self._prefix}/{t}" for t in scalars),
             tuple(f"{self._prefix}/{t}" for t in histograms),

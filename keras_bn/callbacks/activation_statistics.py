@@ -85,7 +85,8 @@ class ActivationStatistics(StatisticsCallback):
 
     This is the measurement behind Figure 1(b,c) of Ioffe & Szegedy (2015): the
     distribution of a sigmoid's input over training. Every `every_n_batches`
-    training batches (and at steps 0 and the last), one compiled forward pass of
+    training batches (and at the start and end of each `fit`; the step is the
+    optimizer's, so a second `fit` continues the first), one compiled forward pass of
     the fixed `probe_data` returns the tensors of all chosen layers together,
     and for each layer the callback records the requested percentiles, mean,
     standard deviation (population, ddof=0) and fraction of saturated units
@@ -102,16 +103,16 @@ class ActivationStatistics(StatisticsCallback):
     A float threshold applies |x| > threshold to every recorded tensor; `None`
     never computes it (`nan`).
 
-    Results live in `callback.history` (a `StatisticsHistory`, reset in
-    `on_train_begin`) with columns `step, epoch, layer, tensor, p<q>..., mean,
+    Results live in `callback.history` (a `StatisticsHistory`, kept across
+    `fit` calls) with columns `step, epoch, layer, tensor, p<q>..., mean,
     std, saturated` (e.g. `p15, p50, p85`); `history.as_dict()` gives columns
-    for `pandas.DataFrame`. Optionally also written to `csv_path` (one row per
-    record and layer) and to TensorBoard under `log_dir` (scalars
+    for `pandas.DataFrame`. Optionally also appended to `csv_path` (one row per
+    record and layer; an existing file must have the same header) and written
+    to TensorBoard under `log_dir` (scalars
     `activations/<layer>/<tensor>/<stat>` and a histogram
-    `activations/<layer>/<tensor>`). TensorBoard files are written with
-    `tf.summary`, which needs TensorFlow installed; it then works on the JAX
-    backend too. On JAX the callback calls `model.jax_state_sync()` before each
-    record so that it reads the trainer's current weights.
+    `activations/<layer>/<tensor>`): with `tf.summary` on the TensorFlow
+    backend, with tensorboardX on JAX and torch. On JAX the callback reads the
+    trainer's current weights, not the model's stale copy.
 
     Args:
         layers: A layer name or object, or a list of them (top-level layers of

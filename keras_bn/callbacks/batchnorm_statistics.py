@@ -51,7 +51,8 @@ class BatchNormStatistics(StatisticsCallback):
     A BN layer trains on batch statistics and infers with its moving averages;
     when the two disagree, the network computes something different at
     inference than it was trained on. Every `every_n_batches` training batches
-    (and at steps 0 and the last) one compiled forward pass of the fixed
+    (and at the start and end of each `fit`; the step is the optimizer's, so a
+    second `fit` continues the first) one compiled forward pass of the fixed
     `probe_data` (in inference mode unless `training=True`) computes, for the
     input of every tracked BN layer and per channel c (the layer's `axis`), the
     batch mean m_c and variance v_c (ddof=0, over all other axes; in float32
@@ -74,8 +75,8 @@ class BatchNormStatistics(StatisticsCallback):
     Tracks every top-level `keras.layers.BatchNormalization` of the model
     (`keras_bn.BatchNormalization` included, being a subclass) unless `layers`
     names some. Outputs are as for `ActivationStatistics`: `history`, optional
-    CSV, optional TensorBoard (scalars `batchnorm/<layer>/<stat>`, histograms
-    of the per-channel gaps) through `tf.summary`.
+    CSV (appended to), optional TensorBoard (scalars `batchnorm/<layer>/<stat>`,
+    histograms of the per-channel gaps), and `plot()` of both gaps over steps.
 
     Args:
         probe_data: A fixed batch of model inputs (a tuple `(x, y)` is
@@ -95,6 +96,7 @@ class BatchNormStatistics(StatisticsCallback):
     >>> bn_stats = BatchNormStatistics(probe_data=x_test[:1000])
     >>> model.fit(x, y, callbacks=[bn_stats])  # doctest: +SKIP
     >>> bn_stats.history.to_dataframe()  # doctest: +SKIP
+    >>> bn_stats.plot("bn_gaps.png")  # doctest: +SKIP
     """
 
     _tb_prefix = "batchnorm"
@@ -178,3 +180,22 @@ class BatchNormStatistics(StatisticsCallback):
             c = self._channel_statistics(layer, moments)
             results[layer.name] = {k: c[k] for k in _HISTOGRAMS}
         return results
+
+    def plot(self, path: str | os.PathLike, layers=None, title: str | None = None):
+        """Draws both gaps over training steps, one column of panels per layer.
+
+        Top: `mean_gap` (channel average, solid) and `mean_gap_max` (dashed).
+        Bottom: `variance_log_ratio` and `variance_log_ratio_max`. Both are 0
+        when the moving statistics match the probe batch's.
+
+        Args:
+            path: Image file to write (format from the suffix, e.g. `.png`).
+            layers: Layer names to draw (default: every recorded layer).
+            title: Optional figure title.
+
+        Returns:
+            The path written.
+        """
+        from keras_bn.callbacks._plot import plot_gap_history
+
+        return plot_gap_history(self.history, path, layers, title)

@@ -6,14 +6,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.keras-bn-installed
 
-.PHONY: setup demo test lint bench zoo zoo-table
+.PHONY: setup demo test lint bench zoo zoo-table wheel-smoke
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[tf-cpu,jax,onnx,examples,dev]"
+	$(PY) -m pip install -q -e ".[tf-cpu,jax,export,export-jax,tensorboard,examples,dev]"
 	# tf_keras (a benchmark peer) without pulling the full tensorflow package.
 	$(PY) -m pip install -q --no-deps "tf-keras>=2.20"
 	touch $(STAMP)
@@ -36,3 +36,15 @@ zoo: $(STAMP)
 # Rewrites docs/zoo.md (runs the zoo once more, with timings).
 zoo-table: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PY) -m tests.zoo.make_table -o docs/zoo.md
+
+# Builds the sdist and the wheel (from the sdist), installs the wheel with
+# [tf-cpu,export] in a fresh virtual environment outside the repository and runs
+# scripts/smoke_wheel.py there. pip's cache makes a second run fast.
+wheel-smoke: $(STAMP)
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PY) -m build -q --outdir "$$tmp/dist" . >/dev/null; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install -q "$$(ls "$$tmp"/dist/*.whl)[tf-cpu,export]"; \
+	cp scripts/smoke_wheel.py "$$tmp/"; \
+	cd "$$tmp" && "$$tmp/venv/bin/python" smoke_wheel.py

@@ -24,8 +24,18 @@ import time
 import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # a script: import sibling examples relatively
+    import importlib.util
+
+    _here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(_here.parent))  # keras_bn of a source checkout
+    _spec = importlib.util.spec_from_file_location(
+        "keras_bn_examples",
+        _here / "__init__.py",
+        submodule_search_locations=[str(_here)],
+    )
+    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    __package__ = _spec.name  # not `examples`: tf2onnx installs one
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -46,9 +56,10 @@ def main(argv=None) -> int:
             "The demo exports ONNX with tf2onnx, which needs the TensorFlow "
             "backend: run it with KERAS_BACKEND=tensorflow."
         )
-    from converters import bench_latency, export_onnx
-    from examples import mnist_sigmoid
-    from examples.mnist import load_mnist
+    from keras_bn.converters import bench_latency, export_onnx
+
+    from . import mnist_sigmoid
+    from .mnist import load_mnist
 
     out = Path(args.out)
     if out.exists():

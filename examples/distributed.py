@@ -42,8 +42,18 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # a script: import sibling examples relatively
+    import importlib.util
+
+    _here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(_here.parent))  # keras_bn of a source checkout
+    _spec = importlib.util.spec_from_file_location(
+        "keras_bn_examples",
+        _here / "__init__.py",
+        submodule_search_locations=[str(_here)],
+    )
+    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    __package__ = _spec.name  # not `examples`: tf2onnx installs one
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -181,7 +191,7 @@ def setup_tensorflow(args):
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     import keras
 
-    from examples.multi_worker_fit import MultiWorkerFit
+    from .multi_worker_fit import MultiWorkerFit
 
     class Sequential(MultiWorkerFit, keras.Sequential):
         pass
@@ -254,8 +264,9 @@ def main(argv=None) -> dict:
     import numpy as np
 
     import keras_bn
-    from examples.mnist import load_mnist
     from keras_bn.recalibrate import recalibrate
+
+    from .mnist import load_mnist
 
     chief = args.worker_index in (None, 0)
     say = print if chief else (lambda *a, **k: None)

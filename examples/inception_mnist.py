@@ -53,13 +53,23 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # a script: import sibling examples relatively
+    import importlib.util
+
+    _here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(_here.parent))  # keras_bn of a source checkout
+    _spec = importlib.util.spec_from_file_location(
+        "keras_bn_examples",
+        _here / "__init__.py",
+        submodule_search_locations=[str(_here)],
+    )
+    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    __package__ = _spec.name  # not `examples`: tf2onnx installs one
 
 import keras  # noqa: E402
 
-from examples.inception_model import build_inception  # noqa: E402
-from examples.mnist import load_mnist  # noqa: E402
+from .inception_model import build_inception  # noqa: E402
+from .mnist import load_mnist  # noqa: E402
 
 BASELINE_LR = 0.03  # default when no --sweep is given
 MOMENTUM = 0.9

@@ -30,15 +30,26 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # a script: import sibling examples relatively
+    import importlib.util
+
+    _here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(_here.parent))  # keras_bn of a source checkout
+    _spec = importlib.util.spec_from_file_location(
+        "keras_bn_examples",
+        _here / "__init__.py",
+        submodule_search_locations=[str(_here)],
+    )
+    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    __package__ = _spec.name  # not `examples`: tf2onnx installs one
 
 import keras
 import numpy as np
 
 import keras_bn
-from examples.mnist import load_mnist
 from keras_bn.callbacks import ActivationStatistics
+
+from .mnist import load_mnist
 
 MODELS = ("baseline", "batchnorm")
 BATCH_SIZE = 60

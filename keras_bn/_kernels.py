@@ -110,10 +110,13 @@ def canonical_view(shape, axis: int):
 
 
 def _sample_positions(n, count: int):
-    """`count` positions in `[0, n)`, spread by Weyl's sequence (int32)."""
+    """Up to `count` positions in `[0, n)` spread by Weyl's sequence (int32).
+
+    For a static n, positions that fall together are kept once.
+    """
     frac = [(j * _GOLDEN + 0.5 / count) % 1.0 for j in range(count)]
     if isinstance(n, int):
-        return ops.convert_to_tensor(sorted(int(f * n) for f in frac), "int32")
+        return ops.convert_to_tensor(sorted({int(f * n) for f in frac}), "int32")
     pos = ops.floor(ops.convert_to_tensor(frac, "float32") * ops.cast(n, "float32"))
     return ops.clip(ops.cast(pos, "int32"), 0, ops.maximum(ops.cast(n, "int32") - 1, 0))
 
@@ -294,7 +297,7 @@ def _recentred_moments(x, k, delta, weights, axes, count, epsilon):
     t = (xf - k) / count
     if weights is not None:
         t = ops.where(ops.cast(weights, "float32") > 0.0, t, 0.0)
-    d = ops.sum(t, axis=axes, keepdims=True)
+    d = _sum(t, axes, None)
     k = ops.where(ops.isfinite(d), k + d, k)
     return (k, *_rescaled_moments(x, k, weights, axes, count, epsilon))
 
@@ -307,8 +310,8 @@ def _rescaled_moments(x, k, weights, axes, count, epsilon):
     s = ops.max(ops.abs(xs), axis=axes, keepdims=True)
     s = ops.where(ops.logical_and(s > 0.0, ops.isfinite(s)), s, 1.0)
     xn = xs / s
-    dn = ops.sum(xn, axis=axes, keepdims=True) / count
-    vn = ops.maximum(ops.sum(xn * xn, axis=axes, keepdims=True) / count - dn**2, 0.0)
+    dn = _sum(xn, axes, None) / count
+    vn = ops.maximum(_sum(xn * xn, axes, None) / count - dn**2, 0.0)
     inv_std = ops.rsqrt(vn + (epsilon / s) / s) / s
     return dn * s, vn * s * s, inv_std  # vn * s * s may be inf: not representable
 

@@ -347,16 +347,63 @@ def reduce_sum(v, axes):
     tracing nothing changes: XLA cannot pass a dynamic dimension through a
     barrier (`fit(jit_compile=True)` on a `tf.data` dataset whose batch size
     is unknown compiles the batch dimension as dynamic).
+
+    Without XLA, TensorFlow's CPU kernel sums a column (an axis other than
+    the last) as one running sum per column, whose rounding error grows with
+    the number of terms: on 100352 post-ReLU values per channel the variance
+    came out 2.1e-4 off, against 1.0e-6 from XLA's sum. There each such
+    axis is summed in blocks (`_blocked_sum`): 6.3e-7 on the same data.
     """
     rank = len(v.shape)
+    if not in_xla_context():
+        return _blocked_sum(v, axes)
     barred = rank >= 2 and rank - 1 in axes and None not in tuple(v.shape)
-    if barred and in_xla_context() and not _gpu_visible():
+    if barred and not _gpu_visible():
         v = tf.reduce_sum(_barrier(v), axis=-1, keepdims=True)
         axes = [a for a in axes if a != rank - 1]
         if not axes:
             return v
         v = _barrier(v)
     return tf.reduce_sum(v, axis=axes, keepdims=True)
+
+
+# Columns longer than this are summed in blocks without XLA (`reduce_sum`).
+_BLOCKED_MIN = 64
+
+
+@_plain_python
+def _blocked_sum(v, axes):
+    """`tf.reduce_sum(v, axes, keepdims=True)` with each long column in blocks.
+
+    An axis of static size n > `_BLOCKED_MIN` other than the last is viewed
+    as `(n / b, b)` with b the largest divisor of n up to sqrt(n); the blocks
+    are summed first, then their sums, so the running sums are about
+    sqrt(n) long instead of n. The last axis (a row sum, which TensorFlow
+    sums in a tree) and axes of unknown size are summed as they are.
+    """
+    rank = len(v.shape)
+    plain = [a for a in axes if a == rank - 1 or not _blockable(v.shape[a])]
+    if plain:
+        v = tf.reduce_sum(v, axis=plain, keepdims=True)
+    for a in sorted(set(axes) - set(plain), reverse=True):
+        n = v.shape[a]
+        b = _block(n)
+        shape = tf.concat([tf.shape(v)[:a], [n // b, b], tf.shape(v)[a + 1 :]], 0)
+        blocks = tf.reduce_sum(tf.reshape(v, shape), axis=a + 1)
+        v = tf.reduce_sum(blocks, axis=a, keepdims=True)
+    return v
+
+
+def _blockable(n) -> bool:
+    return n is not None and n > _BLOCKED_MIN and _block(n) > 1
+
+
+@functools.cache
+def _block(n: int) -> int:
+    b = math.isqrt(n)
+    while n % b:
+        b -= 1
+    return b
 
 
 @tf.custom_gradient

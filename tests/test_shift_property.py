@@ -25,7 +25,9 @@ Each must be within `max(1e-6, (m - 1) * 2^-24)` of float64 (plus, where
 TensorFlow's fused op runs, the error bound documented for it,
 `_fused_allowance`: the op sums without a shift, as Keras's layer does), and
 within twice Keras's own error (its layer's output; `keras.ops.moments` for
-the statistics) plus `(m - 1) * 2^-24`. `(m - 1) * 2^-24` is the worst-case
+the statistics) plus `(m - 1) * 2^-24` (plus the fused op's bound where it
+runs: its variance, formed around its own unshifted mean, differs from
+Keras's by more than rounding when the variance is tiny). `(m - 1) * 2^-24` is the worst-case
 relative error of a float32 sum of m nonnegative terms in any order
 (Higham, Accuracy and Stability of Numerical Algorithms, 4.2), which every
 implementation's sums of squares carry, Keras's too: with many equal terms
@@ -231,9 +233,8 @@ def test_adversarial_inputs_match_float64_and_keras(path, monkeypatch):
         )
         hypothesis.note(f"shape {x.shape} axis {axis}: {report}")
         bound = max(TOL, (m - 1) * 2.0**-24)
-        assert (ours <= bound + _fused_allowance(path, x, axis, gamma, ref)).all(), (
-            report
-        )
-        assert (ours <= limit).all(), report
+        fused = _fused_allowance(path, x, axis, gamma, ref)
+        assert (ours <= bound + fused).all(), report
+        assert (ours <= limit + fused).all(), report
 
     check()

@@ -28,7 +28,8 @@ within twice Keras's own error (its layer's output; `keras.ops.moments` for
 the statistics) plus `(m - 1) * 2^-24` (plus the fused op's bound where it
 runs: its variance, formed around its own unshifted mean, differs from
 Keras's by more than rounding when the variance is tiny).
-`(m - 1) * 2^-24` is the worst-case relative error of a float32 sum of m nonnegative terms in any order
+`(m - 1) * 2^-24` is the worst-case relative error of a float32 sum of m
+nonnegative terms in any order
 (Higham, Accuracy and Stability of Numerical Algorithms, 4.2), which every
 implementation's sums of squares carry, Keras's too: with many equal terms
 (post-ReLU zeros) the rounding errors add up instead of cancelling, and two

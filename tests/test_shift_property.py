@@ -40,7 +40,7 @@ earlier releases with one outlier), which this still catches.
 
 Shapes keep at most 2048 values per channel, to stay fast.
 `KERAS_BN_PROPERTY_EXAMPLES` sets the number of examples per path (default
-12, seeded; derandomized so that every run draws the same).
+10, seeded; derandomized so that every run draws the same).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ hypothesis = pytest.importorskip("hypothesis")
 st = pytest.importorskip("hypothesis.strategies")
 
 EPS = 1e-3
-EXAMPLES = int(os.environ.get("KERAS_BN_PROPERTY_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("KERAS_BN_PROPERTY_EXAMPLES", "10"))
 TOL = 1e-6
 KINDS = (
     "normal",

@@ -34,13 +34,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise SystemExit("run with KERAS_BACKEND=tensorflow")
     import tensorflow as tf
 
     from keras_bn import _train
     from keras_bn.backend import tensorflow as tfb
 
-    if keras.backend.backend() != "tensorflow":
-        raise SystemExit("run with KERAS_BACKEND=tensorflow")
     tfb.FUSED_MIN_SIZE = 0  # channels-last inputs of any size take the op
     eps = 1e-3
     c = 8

@@ -51,6 +51,8 @@ def main(argv=None) -> None:
     from tests.test_shift_property import KINDS, _channel, _errors, _keras_errors
 
     backend = keras.backend.backend()
+    if backend not in ("tensorflow", "jax"):
+        raise SystemExit(f"unsupported backend {backend!r}: tensorflow or jax")
     shape = tuple(int(v) for v in args.shape.split(","))
     c = shape[-1]
     m = int(np.prod(shape)) // c

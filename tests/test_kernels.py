@@ -258,15 +258,110 @@ def test_inference_matches_reference(rng, shape, axis):
 def test_helpers():
     assert _kernels.reduction_axes(4, 1) == [0, 2, 3]
     assert _kernels.broadcast_shape(4, 1, 7) == [1, 7, 1, 1]
+    # Within the sample budget (64 values) the pilot is the mean of every value.
     x = np.arange(24, dtype="float32").reshape(2, 3, 4)
     k = h.to_numpy(_kernels.pilot_shift(ops.convert_to_tensor(x), [0, 1]))
-    np.testing.assert_allclose(k, x[:1].mean(axis=(0, 1), keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(k, x.mean(axis=(0, 1), keepdims=True), rtol=1e-6)
     w = np.ones((2, 3, 1), "float32")
     w[0, 0] = 0.0  # the pilot skips masked values, unless all are masked
     k = _kernels.pilot_shift(ops.convert_to_tensor(x), [0, 1], w)
-    np.testing.assert_allclose(h.to_numpy(k), x[:1, 1:].mean((0, 1), keepdims=True))
+    keep = w[..., 0] > 0
+    np.testing.assert_allclose(h.to_numpy(k)[0, 0], x[keep].mean(0), rtol=1e-6)
     k = _kernels.pilot_shift(ops.convert_to_tensor(x), [0, 1], 0 * w)
-    np.testing.assert_allclose(h.to_numpy(k), x[:1].mean((0, 1), keepdims=True))
+    np.testing.assert_allclose(h.to_numpy(k), x.mean((0, 1), keepdims=True))
+
+
+@pytest.mark.parametrize(
+    "shape,axes,samples,expected",
+    [
+        ((1000, 3), [0], 64, [64]),  # spread along the only reduction axis
+        ((8, 3, 100), [0, 2], 64, [None, 8]),  # all 8 examples, 8 positions each
+        ((100, 3, 50), [0, 2], 64, [63, 1]),  # two of 64 fell together
+        ((4, 3), [0], 64, []),  # the whole batch
+    ],
+)
+def test_sample_plan(shape, axes, samples, expected):
+    x = ops.zeros(shape)
+    plan = dict(_kernels.sample_plan(x, axes, samples))
+    got = [len(h.to_numpy(plan[a])) if a in plan else None for a in axes]
+    assert got == (expected or [None] * len(axes))
+    for a, positions in plan.items():
+        p = h.to_numpy(positions)
+        assert (p >= 0).all() and (p < shape[a]).all()
+        assert len(set(p)) == len(p)  # spread: no position twice
+
+
+def test_pilot_of_a_spread_sample_resists_one_outlier(rng):
+    """One value 1e4 standard deviations out moves the pilot by 1e4 / 64 at most.
+
+    The earlier pilot, the first row, took the first value as it was.
+    """
+    x = rng.normal(0.0, 1.0, (4096, 2)).astype("float32")
+    x[0] = 1e4
+    k = h.to_numpy(_kernels.pilot_shift(ops.convert_to_tensor(x), [0]))
+    assert (np.abs(k) < 1.0).all()  # the first value is not in the sample
+    plan = dict(_kernels.sample_plan(ops.convert_to_tensor(x), [0]))
+    x[h.to_numpy(plan[0]).astype(int)[0]] = 1e4
+    k = h.to_numpy(_kernels.pilot_shift(ops.convert_to_tensor(x), [0]))
+    np.testing.assert_allclose(k, 1e4 / 64, atol=1.0)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+    "case", ["sampled_outliers", "masked_sample", "structured_batch"]
+)
+def test_guard_recomputes_around_the_mean(rng, case, jit):
+    """Pilots far from the mean cost a second pass, not accuracy.
+
+    Each case puts the pilot `sqrt(m / PILOT_SAMPLES)` = 32 or more standard
+    deviations from the mean in one channel: outliers at exactly the sampled
+    positions, a mask that hides every sampled value (the pilot falls back
+    to the hidden values), and a batch whose sampled rows sit apart from the
+    rest. With the guard off the same inputs lose 1e-5 of the variance or
+    more (checked, so that the test can fail).
+    """
+    m = 2**16
+    x = rng.normal(0.0, 1.0, (m, 3)).astype("float32")
+    mask = None
+    plan = dict(_kernels.sample_plan(ops.convert_to_tensor(x), [0]))
+    sampled = h.to_numpy(plan[0]).astype(int)
+    if case == "sampled_outliers":
+        x[sampled, 1] = 1e3
+    elif case == "masked_sample":
+        x[sampled, 1] = 1e5
+        mask = np.ones((m,), bool)
+        mask[sampled] = False
+    else:
+        x[:, 2] += 1e3
+        x[sampled, 2] = -1e4
+    gamma, beta = np.ones(3, "float32"), np.zeros(3, "float32")
+    y_ref, mean_ref, var_ref = h.ref_forward(x, gamma, beta, -1, EPS, mask)
+    w = _weights(mask)
+
+    def run(guard):
+        def fn(x):
+            return _kernels.forward(
+                x, gamma, beta, w, axis=1, epsilon=EPS, guard=guard
+            )[:3]
+
+        if jit and h.backend_name() == "jax":
+            import jax
+
+            return jax.jit(fn)(x)
+        if jit:
+            import tensorflow as tf
+
+            return tf.function(fn, jit_compile=True)(tf.constant(x))
+        return fn(ops.convert_to_tensor(x))
+
+    y, mean, var = run(None)
+    h.assert_close(y, y_ref, rtol=1e-6, atol_scale=1e-6, what="y")
+    # The mean to 1e-6 of the channel's scale (test_shift_property's measure).
+    scale = np.abs(mean_ref) + np.sqrt(var_ref)
+    assert (np.abs(h.to_numpy(mean) - mean_ref) <= 1e-6 * scale).all()
+    h.assert_close(var, var_ref, rtol=1e-6, atol_scale=0.0, what="var")
+    _, _, var_off = run(float("inf"))
+    assert (np.abs(h.to_numpy(var_off) - var_ref) / var_ref).max() > 1e-5
 
 
 @pytest.mark.parametrize("jit", [False, True])

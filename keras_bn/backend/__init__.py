@@ -13,9 +13,8 @@ re-exported here; everything else in keras_bn is backend-neutral
   batch-norm op, or the kernel compiled by XLA as nested functions);
   `(y, mean, biased variance)`, or None to use `kernel_train`.
 * `reduce_sum(v, axes)`: the sum over `axes` with `keepdims=True`, in the
-  form the backend's compiler runs fastest (the kernel's one-pass forward
-  sums and its backward sums go through it; the rare rescaled recompute for
-  overflowing inputs does not).
+  form the backend's compiler runs fastest and sums accurately (all the
+  kernel's sums go through it).
 * `is_traced(x)`: inside `tf.function`/`jax.jit` (as in `fit`), not eager.
 * `cross_replica_sum()`: a function summing a tensor over the replicas of the
   current distribution strategy, or None with a single replica.

@@ -109,17 +109,21 @@ def test_bn_into_gemm(rng, trans_b, bias):
     assert _ops(folded) == ["Gemm"]
 
 
-def test_gemm_with_full_c_is_kept(rng):
+@pytest.mark.parametrize("c_shape", [(), (1,), (6,), (1, 6), (6, 1), (1, 1), (6, 6)])
+def test_gemm_c_of_every_broadcast_shape(rng, c_shape):
+    """C broadcasts to (M, N) by ONNX's rules; (M, 1) is one bias per row."""
     inits = [
         _init("w", rng.normal(size=(5, 6))),
-        _init("c", rng.normal(size=(3, 6))),  # per-row C: not a bias
+        _init("c", rng.normal(size=c_shape)),
         *_bn_inits(rng, 6),
     ]
-    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["h"]), _bn_node("h", "y")]
-    model = _model(nodes, inits, [3, 5], [3, 6])
-    folded, report = _check(model, rng.normal(size=(3, 5)).astype("float32"))
-    assert _ops(folded) == ["Gemm", "Mul", "Add"]
-    assert "C input of shape (3, 6)" in report.records[0].reason
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "c"], ["h"], beta=0.5),
+        _bn_node("h", "y"),
+    ]
+    model = _model(nodes, inits, [6, 5], [6, 6])  # M == N: (6, 1) is per row
+    folded, report = _check(model, rng.normal(size=(6, 5)).astype("float32"))
+    assert _ops(folded) == ["Gemm"] and report.num_folded == 1
 
 
 def test_keras_style_matmul_add_mul_add(rng):

@@ -79,8 +79,12 @@ def _linear_unit(g: Graph, node) -> _Unit | str:
     return _Unit(node, w, max(rank, 1) - 1, max(rank, 1), w.shape[1])
 
 
-def _per_channel(c, axis, rank, channels) -> np.ndarray | str:
-    """Constant `c`, broadcast against a tensor with channels on `axis`."""
+def _per_channel(c, axis, rank, channels, shape=None) -> np.ndarray | str:
+    """Constant `c`, broadcast against a tensor with channels on `axis`.
+
+    `shape` (the tensor's, if known) allows constants that repeat one value
+    per channel along other axes without enlarging the tensor.
+    """
     c = np.asarray(c)
     if rank is None:  # channels on the last axis, rank unknown
         if c.ndim > 1:
@@ -88,15 +92,23 @@ def _per_channel(c, axis, rank, channels) -> np.ndarray | str:
         rank, axis = max(c.ndim, 1), max(c.ndim, 1) - 1
     if c.ndim > rank:
         return f"its constant of shape {c.shape} has more axes than the tensor"
-    shape = (1,) * (rank - c.ndim) + c.shape
-    if any(d != 1 for k, d in enumerate(shape) if k != axis) or shape[axis] not in (
-        1,
-        channels,
-    ):
-        return (
-            f"its constant of shape {c.shape} is not per channel (the "
-            f"{channels} channels are on axis {axis} of a rank-{rank} tensor)"
-        )
+    c = c.reshape((1,) * (rank - c.ndim) + c.shape)
+    why = (
+        f"its constant of shape {c.shape} is not per channel (the "
+        f"{channels} channels are on axis {axis} of a rank-{rank} tensor)"
+    )
+    if c.shape[axis] not in (1, channels):
+        return why
+    others = tuple(k for k, d in enumerate(c.shape) if k != axis and d != 1)
+    if others:
+        if shape is None or any(shape[k] != c.shape[k] for k in others):
+            return why
+        first = c[
+            tuple(slice(0, 1) if k in others else slice(None) for k in range(rank))
+        ]
+        if not np.array_equal(np.broadcast_to(first, c.shape), c):
+            return why
+        c = first
     return np.broadcast_to(np.reshape(c, -1), (channels,)).astype(np.float64)
 
 
@@ -170,8 +182,9 @@ def _affine(g: Graph, node, tensor, axis, rank, channels):
                 return f"it has {scale.size} channels, the linear node {channels}"
             return scale, shift
         # spatial=0: per activation, shaped like the input without its batch
-        s = _per_channel(scale, axis, rank, channels)
-        t = _per_channel(shift, axis, rank, channels)
+        shape = g.shapes.get(node.input[0])
+        s = _per_channel(scale, axis, rank, channels, shape)
+        t = _per_channel(shift, axis, rank, channels, shape)
         if isinstance(s, str) or isinstance(t, str):
             return "its per-activation statistics (spatial=0) vary within a channel"
         return s, t
@@ -186,7 +199,7 @@ def _affine(g: Graph, node, tensor, axis, rank, channels):
         return f"its other operand {g.const_reason(other)}"
     if c.dtype.kind != "f":
         return "its constant is not floating point"
-    v = _per_channel(c, axis, rank, channels)
+    v = _per_channel(c, axis, rank, channels, g.shapes.get(tensor))
     if isinstance(v, str):
         return v
     if not np.all(np.isfinite(v)):

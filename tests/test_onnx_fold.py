@@ -593,7 +593,9 @@ def test_bn_named_statistics_outputs_are_in_the_reason(rng):
     """A BN whose statistics output is read elsewhere must stay (opset 9)."""
     inits = [_init("w", rng.normal(size=(4, 4, 1, 1))), *_bn_inits(rng, 4)]
     bn = helper.make_node(
-        "BatchNormalization", ["h", "bn_g", "bn_b", "bn_m", "bn_v"], ["y", "m"]
+        "BatchNormalization",
+        ["h", "bn_g", "bn_b", "bn_m", "bn_v"],
+        ["y", "m", "", "", ""],
     )
     nodes = [helper.make_node("Conv", ["x", "w"], ["h"]), bn]
     ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 3, 3])]

@@ -356,7 +356,11 @@ def _bn_like(g: Graph, node) -> bool:
     # an Add/Sub next to a per-channel Mul/Div (the shift of a scale-shift)
     x = _data_input(g, node)
     p = g.producer.get(x)
-    if p is not None and p.op_type in ("Mul", "Div") and _vector_operand(g, p):
+    if (
+        p is not None
+        and p.op_type in ("Mul", "Div")
+        and _vector_operand(g, p) is not None
+    ):
         return True
     users = g.consumers.get(node.output[0], [])
     return (

@@ -609,3 +609,176 @@ def test_bn_named_statistics_outputs_are_in_the_reason(rng):
     folded, report = fold_onnx(model)
     assert _ops(folded) == ["Conv", "BatchNormalization"]
     assert "['m']" in report.records[0].reason
+
+
+# ------------------------------------------------------------ through layout ops
+def _channels_last_conv(rng, c_in=3, c_out=4, tail=("Sub", "Mul", "Add"), bias=None):
+    """What torch.onnx makes of a channels-last Conv2D + BN: the BN's
+    Sub/Mul/Add (constants of shape (1, 1, 1, C)) behind a Transpose and a
+    no-op Cast."""
+    inits = [_init("w", rng.normal(size=(c_out, c_in, 3, 3)))]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["xt", "w"], ["h"], name="conv"),
+        helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 3, 1]),
+        helper.make_node("Cast", ["ht"], ["cur"], to=TensorProto.FLOAT),
+    ]
+    for k, op in enumerate(tail):
+        shape = (1, 1, 1, c_out) if k % 2 == 0 else (c_out,)
+        value = rng.uniform(0.5, 2, size=shape)
+        if op in ("Mul", "Div"):
+            value = value * rng.choice([-1, 1], size=shape)
+        inits.append(_init(f"c{k}", value))
+        out = "y" if k == len(tail) - 1 else f"t{k}"
+        nodes.append(helper.make_node(op, ["cur", f"c{k}"], [out], name=f"{op}{k}"))
+        nodes[-1].input[0] = nodes[-2].output[0] if k else "cur"
+    return _graph_model(nodes, inits, [("x", [2, 6, 6, c_in])], [2, 4, 4, c_out])
+
+
+def test_folds_through_transpose_and_noop_cast(rng):
+    model = _channels_last_conv(rng)
+    folded, report = fold_onnx(model)
+    _same(model, folded, {"x": rng.normal(size=(2, 6, 6, 3)).astype("float32")})
+    assert _ops(folded) == ["Transpose", "Conv", "Transpose", "Cast"]
+    assert report.num_folded == 3 and report.num_kept == 0
+
+
+@pytest.mark.parametrize(
+    "layout, c_shape",
+    [
+        ("reshape_flat_spatial", (1, 6, 1)),  # (N, C, H, W) -> (N, C, H*W)
+        ("reshape_split_batch", (1, 1, 6, 1, 1)),  # (N, C, H, W) -> (1, N, C, H, W)
+        ("squeeze", (6, 1)),  # Conv1D as Unsqueeze-Conv-Squeeze
+        ("unsqueeze", (1, 6, 1, 1, 1)),
+        ("flatten_1x1", (1, 6)),  # (N, C, 1, 1) -> (N, C)
+    ],
+)
+def test_folds_through_reshape_squeeze_unsqueeze(rng, layout, c_shape):
+    spatial = (1, 1) if layout == "flatten_1x1" else (3, 4)
+    x_shape = [2, 4, *spatial]
+    inits = [
+        _init("w", rng.normal(size=(6, 4, 1, 1))),
+        _init("s", rng.normal(size=c_shape)),
+    ]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"])]
+    out = {
+        "reshape_flat_spatial": [2, 6, 12],
+        "reshape_split_batch": [1, 2, 6, 3, 4],
+        "squeeze": [2, 6, 4],
+        "unsqueeze": [2, 6, 1, 3, 4],
+        "flatten_1x1": [2, 6],
+    }[layout]
+    if layout.startswith("reshape"):
+        inits.append(numpy_helper.from_array(np.array(out, np.int64), "shape"))
+        nodes.append(helper.make_node("Reshape", ["h", "shape"], ["l"]))
+    elif layout == "squeeze":
+        x_shape = [2, 4, 1, 4]
+        inits.append(numpy_helper.from_array(np.array([2], np.int64), "axes"))
+        nodes.append(helper.make_node("Squeeze", ["h", "axes"], ["l"]))
+    elif layout == "unsqueeze":
+        inits.append(numpy_helper.from_array(np.array([-3], np.int64), "axes"))
+        nodes.append(helper.make_node("Unsqueeze", ["h", "axes"], ["l"]))
+    else:
+        nodes.append(helper.make_node("Flatten", ["h"], ["l"]))
+    nodes.append(helper.make_node("Mul", ["l", "s"], ["y"]))
+    model = _graph_model(nodes, inits, [("x", x_shape)], out)
+    folded, report = fold_onnx(model)
+    _same(model, folded, {"x": rng.normal(size=x_shape).astype("float32")})
+    assert "Mul" not in _ops(folded) and report.num_folded == 1
+
+
+@pytest.mark.parametrize("case", ["reshape_mixes_channels", "relu_first", "shared"])
+def test_scale_shift_not_folded_is_reported(rng, case):
+    """A BN-like Mul/Add that cannot fold is in the report with the reason."""
+    inits = [
+        _init("w", rng.normal(size=(6, 4, 1, 1))),
+        _init("s", rng.normal(size=6)),
+        _init("t", rng.normal(size=6)),
+        numpy_helper.from_array(np.array([2, 3, 4, 6], np.int64), "shape"),
+    ]
+    first = "Relu" if case == "relu_first" else "Conv"
+    nodes = [
+        helper.make_node(first, ["x", "w"][: 1 if first == "Relu" else 2], ["h"]),
+        helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 3, 1]),
+        helper.make_node("Mul", ["ht", "s"], ["m"]),
+        helper.make_node("Add", ["m", "t"], ["y"]),
+    ]
+    x_shape, outputs = [2, 6 if first == "Relu" else 4, 3, 4], ("y",)
+    if (
+        case == "reshape_mixes_channels"
+    ):  # (2, 6, 3, 4) -> (2, 3, 4, 6): not a transpose
+        nodes[1] = helper.make_node("Reshape", ["h", "shape"], ["ht"])
+    if case == "shared":
+        outputs = ("y", "h")
+    out_shape = [2, 3, 4, 6]
+    model = _graph_model(nodes, inits, [("x", x_shape)], out_shape, outputs=outputs)
+    if case == "shared":
+        model.graph.output[1].type.tensor_type.shape.dim[1].dim_value = 6
+        model.graph.output[1].type.tensor_type.shape.dim[3].dim_value = 4
+        model.graph.output[1].type.tensor_type.shape.dim[2].dim_value = 3
+    folded, report = fold_onnx(model)
+    _same(model, folded, {"x": rng.normal(size=x_shape).astype("float32")})
+    assert _ops(folded) == _ops(model)
+    assert [r.action for r in report.records] == ["kept_as_scale_shift"] * 2
+    why = {
+        "reshape_mixes_channels": "moves the channels",
+        "relu_first": "Relu",
+        "shared": "is read by",
+    }[case]
+    assert all(why in r.reason for r in report.records), report
+
+
+def _export_keras(tmp_path, rng, channels_first=False):
+    import keras
+
+    L = keras.layers
+    fmt = "channels_first" if channels_first else "channels_last"
+    shape = (3, 8, 8) if channels_first else (8, 8, 3)
+    model = keras.Sequential(
+        [
+            keras.Input(shape),
+            L.Conv2D(4, 3, data_format=fmt),
+            L.BatchNormalization(axis=1 if channels_first else -1),
+            L.ReLU(),
+            L.Conv2D(5, 3, use_bias=False, data_format=fmt),
+            L.BatchNormalization(axis=1 if channels_first else -1),
+            L.Flatten(),
+            L.Dense(6),
+            L.BatchNormalization(),
+        ]
+    )
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.gamma.shape[0]
+            for v in (layer.gamma, layer.beta, layer.moving_mean):
+                v.assign(rng.normal(size=n))
+            layer.moving_variance.assign(rng.uniform(0.3, 3.0, size=n))
+    x = rng.normal(size=(2, *shape)).astype("float32")
+    ref = keras.ops.convert_to_numpy(model(x, training=False))
+    path = tmp_path / "keras.onnx"
+    model.export(str(path), format="onnx", verbose=False)
+    return onnx.load(str(path)), x, ref
+
+
+@pytest.mark.skipif(
+    __import__("keras").backend.backend() not in ("torch", "jax"),
+    reason="torch.onnx / jax2onnx exports: torch and JAX backends",
+)
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_folds_torch_and_jax_exports_of_keras_models(rng, tmp_path, channels_first):
+    """Keras's own export on torch/JAX: BN as Sub/Mul/Add behind a Transpose."""
+    if __import__("keras").backend.backend() == "jax":
+        pytest.importorskip("jax2onnx", reason="pip install jax2onnx")
+        if channels_first:  # jax2onnx emits the same Transpose form; each
+            pytest.skip("export takes ~45 s on 2 cores: channels-last only on JAX")
+    original, x, ref = _export_keras(tmp_path, rng, channels_first)
+    assert {"Mul", "Add"} <= set(_ops(original))
+    folded, report = fold_onnx(original)
+    assert "Mul" not in _ops(folded) and "Sub" not in _ops(folded)
+    assert _ops(folded).count("Add") == 1  # the Dense's bias
+    assert report.num_kept == 0 and report.num_folded >= 6
+    sess = ort.InferenceSession(
+        folded.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    (got,) = sess.run(None, {folded.graph.input[0].name: x})
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= RTOL

@@ -229,6 +229,9 @@ def _layout(g: Graph, node, tensor, axis, rank, channels):
         return (axis, rank) if same else f"{node_label(node)} changes the type"
     if rank is None:
         return f"the rank before {node_label(node)} is unknown"
+    known = g.shapes.get(tensor)
+    if known is not None and len(known) != rank:
+        return f"the rank before {node_label(node)} is uncertain"
     if op == "Transpose":
         perm = attr(node, "perm") or list(range(rank))[::-1]
         if sorted(perm) != list(range(rank)):

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.keras-bn-installed
 
-.PHONY: setup demo test lint bench zoo zoo-table
+.PHONY: setup demo test lint bench zoo zoo-table fuzz
 
 setup: $(STAMP)
 
@@ -36,3 +36,10 @@ zoo: $(STAMP)
 # Rewrites docs/zoo.md (runs the zoo once more, with timings).
 zoo-table: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PY) -m tests.zoo.make_table -o docs/zoo.md
+
+# Differential fuzzing of fold_onnx with more examples than `make test` runs
+# (random seed; FUZZ_EXAMPLES=N to change the count).
+FUZZ_EXAMPLES ?= 3000
+fuzz: $(STAMP)
+	KERAS_BACKEND=tensorflow KERAS_BN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_onnx_fold_fuzz.py --hypothesis-show-statistics

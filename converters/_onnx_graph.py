@@ -85,6 +85,8 @@ class Graph:
         self.inputs = {i.name for i in self.g.input}
         #: Tensors that lost a use in a rewrite: `prune` removes what is dead.
         self.dropped: set[str] = set()
+        #: ids of the nodes rewrites removed.
+        self.removed: set[int] = set()
         self._values: dict[str, np.ndarray | None] = {}
         self.shapes: dict[str, tuple] = {}
         self.dtypes: dict[str, int] = {}
@@ -112,24 +114,36 @@ class Graph:
 
     # ------------------------------------------------------------ structure
     def refresh(self) -> None:
-        """Recomputes producers and consumers (cheap; no shape inference)."""
+        """Recomputes producers and consumers (no shape inference)."""
         self.producer = {}
         self.consumers = collections.defaultdict(list)
         for n in self.g.node:
-            for o in n.output:
-                if o:
-                    self.producer[o] = n
-            for i in n.input:
-                if i:
-                    self.consumers[i].append(n)
-            inner: set[str] = set()
-            for a in n.attribute:
-                for sub in [a.g] if a.HasField("g") else list(a.graphs):
-                    _subgraph_names(sub, inner)
-            for i in inner - set(n.input):
-                self.consumers[i].append(n)
+            self._link(n)
         self.outputs = {o.name for o in self.g.output}
-        self._values = {}
+        # `_values` stays: every rewrite keeps the value of each tensor name
+        # it keeps, and the constants it adds get fresh names.
+
+    def _link(self, n) -> None:
+        for o in n.output:
+            if o:
+                self.producer[o] = n
+        for i in n.input:
+            if i:
+                self.consumers[i].append(n)
+        inner: set[str] = set()
+        for a in n.attribute:
+            if a.type in (a.GRAPH, a.GRAPHS):
+                for sub in [a.g] if a.type == a.GRAPH else list(a.graphs):
+                    _subgraph_names(sub, inner)
+        for i in inner - set(n.input):
+            self.consumers[i].append(n)
+
+    def _unuse(self, tensor, node) -> None:
+        users = self.consumers.get(tensor, [])
+        for k, u in enumerate(users):
+            if u is node:
+                del users[k]
+                return
 
     def sole_user(self, tensor: str, node) -> bool:
         """True if `node` is the only reader of `tensor` (not a graph output)."""
@@ -246,7 +260,26 @@ class Graph:
 
     def insert(self, position: int, node) -> None:
         self.g.node.insert(position, node)
-        self.refresh()
+        self._link(self.g.node[position])
+
+    def remove(self, node) -> None:
+        """Removes `node` (its inputs may be dead now)."""
+        for i in node.input:
+            if i:
+                self._unuse(i, node)
+                self.dropped.add(i)
+        for o in node.output:
+            if self.producer.get(o) is node:
+                del self.producer[o]
+        self.removed.add(id(node))
+        del self.g.node[self.index(node)]
+
+    def rename_output(self, node, old: str, new: str) -> None:
+        for k, o in enumerate(node.output):
+            if o == old:
+                node.output[k] = new
+        self.producer.pop(old, None)
+        self.producer[new] = node
 
     def set_input(self, node, index: int, name: str) -> None:
         """Points input `index` of `node` at `name` (the old one may be dead)."""
@@ -254,8 +287,9 @@ class Graph:
             node.input.append("")
         if node.input[index]:
             self.dropped.add(node.input[index])
+            self._unuse(node.input[index], node)
         node.input[index] = name
-        self.refresh()
+        self.consumers[name].append(node)
 
     def remove_passthrough(self, node, kept: str) -> None:
         """Removes `node`, whose output equals its input `kept`.
@@ -266,12 +300,9 @@ class Graph:
         """
         out = node.output[0]
         producer = self.producer[kept]
-        for k, o in enumerate(producer.output):
-            if o == kept:
-                producer.output[k] = out
-        self.dropped.update(i for i in node.input if i != kept)
-        self.g.node.remove(node)
-        self.refresh()
+        self.remove(node)
+        self.dropped.discard(kept)
+        self.rename_output(producer, kept, out)
 
     def prune(self) -> None:
         """Removes the nodes and initializers that rewrites left unused.
@@ -293,9 +324,8 @@ class Graph:
                 continue
             if any(o in self.outputs or self.consumers.get(o) for o in node.output):
                 continue
-            self.g.node.remove(node)
+            self.remove(node)
             todo.update(i for i in node.input if i)
-            self.refresh()
         self.dropped.clear()
 
 

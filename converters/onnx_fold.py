@@ -414,7 +414,7 @@ def _fold(g: Graph, unit: _Unit, steps: list[_Step]) -> None:
             g.shapes[mid], g.dtypes[mid] = g.shapes.get(out), g.dtypes.get(out)
             if g.shapes[mid] is None:
                 del g.shapes[mid]
-            p.output[0] = mid
+            g.rename_output(p, out, mid)
             t = g.add_const(shift.astype(dtype), f"{base}_folded_bias")
             add = _make("Add", [mid, t], [out], f"{base}_bias")
             g.insert(g.index(p) + 1, add)
@@ -445,8 +445,7 @@ def _fold(g: Graph, unit: _Unit, steps: list[_Step]) -> None:
         g.insert(g.index(p), _make("Add", [cur, t], [nxt], nxt))
         cur = nxt
     if cur != bias:
-        p.input[2] = cur
-        g.refresh()
+        g.set_input(p, 2, cur)
 
 
 def _make(op, inputs, outputs, name):
@@ -485,12 +484,10 @@ def _to_scale_shift(g: Graph, node, scale, shift) -> str | tuple:
     mul = _make("Mul", [x, s], [mid], f"{base}_mul")
     add = _make("Add", [mid, t], [node.output[0]], f"{base}_add")
     at = g.index(node)
-    g.dropped.update(node.input[1:])
-    g.g.node.remove(node)
-    g.g.node.insert(at, add)
-    g.g.node.insert(at, mul)
-    g.refresh()
-    return mul, add
+    g.remove(node)
+    g.insert(at, add)
+    g.insert(at, mul)
+    return g.g.node[at], g.g.node[at + 1]
 
 
 # -------------------------------------------------------------------- driver
@@ -573,7 +570,7 @@ def _run(g: Graph, report: FoldReport) -> None:
     for node in list(g.g.node):
         if id(node) in done or not _candidate(g, node):
             continue
-        if not any(n is node for n in g.g.node):
+        if id(node) in g.removed:
             continue  # removed by an earlier fold
         done.add(id(node))
         _visit(g, node, report, done)

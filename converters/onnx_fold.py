@@ -519,7 +519,8 @@ def _visit(g: Graph, node, report: FoldReport, done: set) -> None:
             report.records.append(FoldRecord(name, KEPT, None, reason))
             return
         params = made
-    reason = f"{reason}; {params}: left as BatchNormalization"
+    reason = params if params in reason else f"{reason}; {params}"
+    reason = f"{reason}: left as BatchNormalization"
     report.records.append(FoldRecord(name, UNCHANGED, None, reason))
 
 

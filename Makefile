@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.keras-bn-installed
 
-.PHONY: setup demo test lint bench zoo zoo-table wheel-smoke
+.PHONY: setup demo test lint bench zoo zoo-table wheel-smoke fuzz
 
 setup: $(STAMP)
 
@@ -48,3 +48,10 @@ wheel-smoke: $(STAMP)
 	"$$tmp/venv/bin/python" -m pip install -q "$$(ls "$$tmp"/dist/*.whl)[tf-cpu,export]"; \
 	cp scripts/smoke_wheel.py "$$tmp/"; \
 	cd "$$tmp" && "$$tmp/venv/bin/python" smoke_wheel.py
+
+# Differential fuzzing of fold_onnx with more examples than `make test` runs
+# (random seed; FUZZ_EXAMPLES=N to change the count).
+FUZZ_EXAMPLES ?= 3000
+fuzz: $(STAMP)
+	KERAS_BACKEND=tensorflow KERAS_BN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_onnx_fold_fuzz.py --hypothesis-show-statistics

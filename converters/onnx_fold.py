@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import collections
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from converters._deps import require
-from converters.fold_math import bn_scale_shift
-from converters.report import (
+from ._deps import require
+from ._onnx_graph import Graph, attr, is_default_domain, node_label
+from .fold_math import bn_scale_shift
+from .report import (
     FOLDED_PRECEDING,
     KEPT,
     UNCHANGED,
@@ -21,247 +22,135 @@ from converters.report import (
 if TYPE_CHECKING:
     import onnx
 
-_LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-_AFFINE = ("Mul", "Add", "Sub", "Div")
+LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+AFFINE = ("Mul", "Add", "Sub", "Div")
+#: Ops that move values without changing them: a per-channel scale and shift
+#: passes through them when the channel's new axis is provable.
+LAYOUT = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast")
+_LINEAR_NAMES = "Conv/ConvTranspose/Gemm/MatMul"
 
 
-class _Graph:
-    """Producers, consumers and ranks of a graph being rewritten in place.
+@dataclasses.dataclass
+class _Unit:
+    """A linear node with a constant weight, and where its channels are."""
 
-    Shape inference runs once, on the input: every rewrite keeps the names
-    and ranks of the tensors it touches (and records the rank of any tensor it
-    adds), so ranks stay valid. `skip` holds the output names of nodes a
-    pattern decided to leave alone: state of this pass, never written into
-    the user's graph.
+    node: object
+    w: np.ndarray
+    axis: int | None  # channel axis of the output (None: last, rank unknown)
+    rank: int | None
+    channels: int
+
+
+@dataclasses.dataclass
+class _Step:
+    node: object
+    scale: np.ndarray
+    shift: np.ndarray
+    after_layout: bool  # a layout op lies between the linear node and it
+
+
+# ------------------------------------------------------------------ matching
+def _linear_unit(g: Graph, node) -> _Unit | str:
+    """`node` as a linear unit, or why it is not one."""
+    op = node.op_type
+    if op not in LINEAR or not is_default_domain(node) or len(node.input) < 2:
+        return f"{node_label(node)} is not a {_LINEAR_NAMES} node"
+    w = g.const(node.input[1])
+    if w is None:
+        return f"the weight of {node_label(node)}: {g.const_reason(node.input[1])}"
+    if w.dtype.kind != "f":
+        return f"the weight of {node_label(node)} is not floating point"
+    if op in ("Conv", "ConvTranspose"):
+        if w.ndim < 3:
+            return f"the weight of {node_label(node)} has rank {w.ndim}"
+        c = w.shape[0] if op == "Conv" else w.shape[1] * int(attr(node, "group", 1))
+        return _Unit(node, w, 1, w.ndim, c)
+    if op == "Gemm":
+        if w.ndim != 2:
+            return f"the weight of {node_label(node)} has rank {w.ndim}"
+        return _Unit(
+            node, w, 1, 2, w.shape[0] if attr(node, "transB", 0) else w.shape[1]
+        )
+    if w.ndim != 2:
+        return f"the weight of {node_label(node)} has rank {w.ndim}, not 2"
+    rank = g.rank(node.input[0])
+    if rank is None:
+        return _Unit(node, w, None, None, w.shape[1])
+    return _Unit(node, w, max(rank, 1) - 1, max(rank, 1), w.shape[1])
+
+
+def _per_channel(c, axis, rank, channels, shape=None) -> np.ndarray | str:
+    """Constant `c`, broadcast against a tensor with channels on `axis`.
+
+    `shape` (the tensor's, if known) allows constants that repeat one value
+    per channel along other axes without enlarging the tensor.
     """
-
-    def __init__(self, model):
-        onnx = require("onnx")
-        self.onnx = onnx
-        self.model = model
-        self.g = model.graph
-        self.inits = {i.name: i for i in self.g.initializer}
-        self.skip: set[str] = set()
-        self.refresh()
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model)
-            vis = [*inferred.graph.value_info, *inferred.graph.output]
-            vis += list(inferred.graph.input)
-            self.ranks = {
-                v.name: len(v.type.tensor_type.shape.dim)
-                for v in vis
-                if v.type.tensor_type.HasField("shape")
-            }
-        except Exception:  # noqa: BLE001 - shapes are an optional hint
-            self.ranks = {}
-
-    def refresh(self):
-        """Recomputes producers and consumers (cheap; no shape inference)."""
-        self.producer, self.consumers = {}, collections.defaultdict(list)
-        for n in self.g.node:
-            for o in n.output:
-                self.producer[o] = n
-            for i in n.input:
-                self.consumers[i].append(n)
-        self.outputs = {o.name for o in self.g.output}
-
-    def const(self, name):
-        from onnx import numpy_helper
-
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-        return None
-
-    def set_input(self, node, index, array, like):
-        """Points `node.input[index]` at a new initializer holding `array`."""
-        from onnx import numpy_helper
-
-        base = f"{node.name or node.output[0]}_folded_{index}"
-        name, k = base, 0
-        while name in self.inits or name in self.producer:
-            k += 1
-            name = f"{base}_{k}"
-        dtype = like.dtype if like is not None else np.float32
-        init = numpy_helper.from_array(np.asarray(array).astype(dtype), name)
-        self.g.initializer.append(init)
-        self.inits[name] = init
-        while len(node.input) <= index:
-            node.input.append("")
-        node.input[index] = name
-
-    def sole_user(self, tensor, node) -> bool:
-        return tensor not in self.outputs and self.consumers[tensor] == [node]
-
-
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return a.i if a.type == a.INT else a.f
-    return default
-
-
-def _set_attr(node, name, value):
-    for a in node.attribute:
-        if a.name == name:
-            a.f = value
-            return
-    from onnx import helper
-
-    node.attribute.append(helper.make_attribute(name, value))
-
-
-def _per_channel(c, axis, rank, channels):
-    """`c` as a per-channel vector along `axis` of a rank-`rank` tensor, or None."""
-    c = np.asarray(c, np.float64)
+    c = np.asarray(c)
+    if rank is None:  # channels on the last axis, rank unknown
+        if c.ndim > 1:
+            return f"its constant of shape {c.shape} may broadcast to a new rank"
+        rank, axis = max(c.ndim, 1), max(c.ndim, 1) - 1
     if c.ndim > rank:
-        return None
-    shape = (1,) * (rank - c.ndim) + c.shape
-    if any(d != 1 for i, d in enumerate(shape) if i != axis % rank):
-        return None
-    if shape[axis % rank] not in (1, channels):
-        return None
-    return np.broadcast_to(c.reshape(-1), (channels,)).copy()
+        return f"its constant of shape {c.shape} has more axes than the tensor"
+    c = c.reshape((1,) * (rank - c.ndim) + c.shape)
+    why = (
+        f"its constant of shape {c.shape} is not per channel (the "
+        f"{channels} channels are on axis {axis} of a rank-{rank} tensor)"
+    )
+    if c.shape[axis] not in (1, channels):
+        return why
+    others = tuple(k for k, d in enumerate(c.shape) if k != axis and d != 1)
+    if others:
+        if shape is None or any(shape[k] != c.shape[k] for k in others):
+            return why
+        first = c[
+            tuple(slice(0, 1) if k in others else slice(None) for k in range(rank))
+        ]
+        if not np.array_equal(np.broadcast_to(first, c.shape), c):
+            return why
+        c = first
+    return np.broadcast_to(np.reshape(c, -1), (channels,)).astype(np.float64)
 
 
-def _squeeze_axes(g, node):
-    if len(node.input) > 1 and node.input[1]:
-        axes = g.const(node.input[1])
-        return None if axes is None else [int(a) for a in np.ravel(axes)]
-    for a in node.attribute:
-        if a.name == "axes":
-            return list(a.ints)
-    return None
-
-
-def _linear_unit(g, tensor):
-    """The linear unit making `tensor`, or None.
-
-    Returns the 5-tuple `(linear node, weight array, bias Add node or None,
-    last node of the unit, number of squeezed axes)`.
-
-    The unit is a Conv/ConvTranspose/Gemm/MatMul with a constant weight,
-    optionally followed by the bias `Add` of a MatMul, or by a `Squeeze` of
-    spatial axes of a Conv (Keras's Conv1D becomes Unsqueeze-Conv-Squeeze).
-    """
-    p = g.producer.get(tensor)
-    if p is None:
-        return None
-    last, bias_add, squeeze = p, None, None
-    q = g.producer.get(p.input[0]) if p.input else None
-    if q is not None and g.sole_user(q.output[0], p):
-        if (
-            p.op_type == "Add"
-            and q.op_type == "MatMul"
-            and g.const(p.input[1]) is not None
-        ):
-            bias_add, p = p, q
-        elif p.op_type == "Squeeze" and q.op_type == "Conv":
-            rank = (
-                len(g.const(q.input[1]).shape) if g.const(q.input[1]) is not None else 0
-            )
-            axes = _squeeze_axes(g, p)
-            if rank and axes is not None and all(a % rank >= 2 for a in axes):
-                squeeze, p = p, q
-    if p.op_type not in _LINEAR or len(p.input) < 2:
-        return None
-    w = g.const(p.input[1])
-    if w is None or (p.op_type == "MatMul" and w.ndim != 2):
-        return None
-    n_squeezed = len(_squeeze_axes(g, squeeze)) if squeeze is not None else 0
-    return p, w, bias_add, last, n_squeezed
-
-
-def _geometry(g, p, w, out, n_squeezed):
-    """(channel axis, output rank, channels) of the unit's output, or a reason."""
-    if p.op_type in ("Conv", "ConvTranspose"):
-        if p.op_type == "ConvTranspose" and _attr(p, "group", 1) != 1:
-            return f"ConvTranspose {p.name!r} is grouped"
-        m = w.shape[0] if p.op_type == "Conv" else w.shape[1]
-        return 1, w.ndim - n_squeezed, m
-    if p.op_type == "Gemm":
-        n = w.shape[0] if _attr(p, "transB", 0) else w.shape[1]
-        c = g.const(p.input[2]) if len(p.input) > 2 and p.input[2] else None
-        if len(p.input) > 2 and p.input[2] and c is None:
-            return f"Gemm {p.name!r} has a computed C input"
-        if c is not None and c.size not in (1, n):
-            return f"Gemm {p.name!r} has a C input of shape {c.shape}"
-        return 1, 2, n
-    rank = g.ranks.get(out)
-    return -1, (rank or 2), w.shape[1]
-
-
-def _fold(g, unit, scale, shift):
-    """Applies `y -> y * scale + shift` to the unit's weights in place.
-
-    Returns the unit's last node, or `("bias", shift, like)` for a MatMul
-    without bias whose `shift` is not zero (the caller keeps an `Add`).
-    """
-    p, w, bias_add, last, _ = unit
-    w = np.asarray(w, np.float64)
-    if p.op_type == "Conv":
-        new_w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    elif p.op_type == "ConvTranspose":
-        new_w = w * scale.reshape((1, -1) + (1,) * (w.ndim - 2))
-    elif p.op_type == "Gemm":
-        new_w = w * (scale[:, None] if _attr(p, "transB", 0) else scale[None, :])
-    else:
-        new_w = w * scale[None, :]
-    like = g.const(p.input[1])
-    g.set_input(p, 1, new_w, like)
-    if bias_add is not None:
-        b = np.asarray(g.const(bias_add.input[1]), np.float64)
-        b = np.broadcast_to(b.reshape(-1), scale.shape) * scale + shift
-        g.set_input(bias_add, 1, b, like)
-        return last
-    if p.op_type == "MatMul":
-        return last if not np.any(shift) else ("bias", shift, like)
-    b = g.const(p.input[2]) if len(p.input) > 2 and p.input[2] else None
-    b = np.zeros_like(scale) if b is None else np.asarray(b, np.float64)
-    b = np.broadcast_to(b.reshape(-1), scale.shape)
-    if p.op_type == "Gemm":
-        b = _attr(p, "beta", 1.0) * b
-        _set_attr(p, "beta", 1.0)
-    g.set_input(p, 2, b * scale + shift, like)
-    return last
-
-
-def _foldable(g, node, tensor, vec_of):
-    """The linear unit making `tensor` if `node` may fold into it, else a reason."""
-    unit = _linear_unit(g, tensor)
-    if unit is None:
-        return None, "its input is not made by Conv/ConvTranspose/Gemm/MatMul"
-    p, w, _, last, n_squeezed = unit
-    if not g.sole_user(last.output[0], node):
-        return None, f"the output of {last.op_type} {last.name!r} is used elsewhere"
-    geo = _geometry(g, p, w, last.output[0], n_squeezed)
-    if isinstance(geo, str):
-        return None, geo
-    vec = vec_of(*geo)
-    if vec is None:
-        return None, "its parameters are not per-channel for that layer"
-    return (unit, vec), ""
-
-
-def _bn_vectors(g, node):
-    """`(scale, shift)` of an inference BatchNormalization node, or a reason."""
+def _bn_params(g: Graph, node):
+    """`(scale, shift)` of an inference BatchNormalization (per channel, or
+    per activation with `spatial=0`), or why it cannot be folded."""
+    if g.opset >= 14 and attr(node, "training_mode", 0):
+        return "it has training_mode=1 (it normalizes with the batch's statistics)"
+    if g.opset < 7 and not attr(node, "is_test", 0):
+        return "it runs in training mode (is_test=0)"
+    extra = [o for o in node.output[1:] if o]
+    if extra:
+        return (
+            f"it has the statistics outputs {extra} (training mode), which a "
+            "folded graph cannot produce"
+        )
     names = ("scale", "B", "input_mean", "input_var")
-    x = [g.const(n) for n in node.input[1:5]]
-    missing = [k for k, v in zip(names, x, strict=True) if v is None]
+    if len(node.input) < 5:
+        return "it has fewer than 5 inputs"
+    values = [g.const(n) for n in node.input[1:5]]
+    missing = [
+        f"{k} ({g.const_reason(n)})"
+        for k, n, v in zip(names, node.input[1:5], values, strict=True)
+        if v is None
+    ]
     if missing:
         return f"its {', '.join(missing)} input(s) are not constants"
-    if _attr(node, "training_mode", 0) or any(node.output[1:]):
-        return "it runs in training mode (outputs running statistics)"
-    gamma, beta, mean, var = x
+    gamma, beta, mean, var = (np.asarray(v, np.float64) for v in values)
+    eps = float(attr(node, "epsilon", 1e-5))
+    if g.opset <= 8 and attr(node, "spatial", 1) == 0:
+        shapes = {v.shape for v in (gamma, beta, mean, var)}
+        if len(shapes) != 1:
+            return f"its parameters have different shapes {sorted(shapes)}"
+        if not np.all(var + eps > 0) or not np.all(np.isfinite(values)):
+            return "its parameters are invalid: variance + epsilon must be positive"
+        scale = gamma / np.sqrt(var + eps)
+        return scale, beta - mean * scale
     try:
         return bn_scale_shift(
             np.ravel(mean),
             np.ravel(var),
-            _attr(node, "epsilon", 1e-5),
+            eps,
             gamma=np.ravel(gamma),
             beta=np.ravel(beta),
         )
@@ -269,155 +158,423 @@ def _bn_vectors(g, node):
         return f"its parameters are invalid: {e}"
 
 
-def _bn_match(g, node, vecs):
-    """`_foldable` for a BatchNormalization: channel axis 1 of the unit."""
-    rank = g.ranks.get(node.input[0])
+def _affine(g: Graph, node, tensor, axis, rank, channels):
+    """`(scale, shift)` per channel of `node` applied to `tensor`, or a reason.
 
-    def bn_vec(axis, r, c):
-        ok = (axis % r == 1) and (rank is None or rank == r)
-        return vecs if ok and vecs[0].size == c else None
-
-    return _foldable(g, node, node.input[0], bn_vec)
-
-
-def _fold_bn(g, node, report) -> bool:
-    """BatchNormalization after a linear unit -> folded into its weights."""
-    vecs = _bn_vectors(g, node)
-    if isinstance(vecs, str):
-        return False
-    found, _ = _bn_match(g, node, vecs)
-    if found is None:
-        return False
-    unit, vec = found
-    last = _fold(g, unit, *vec)
-    if isinstance(last, tuple):  # MatMul without bias: the BN becomes its Add
-        _to_bias_add(g, node, *last[1:])
-    else:
-        _replace(g, node, last)
-    name = node.name or node.output[0]
-    report.records.append(FoldRecord(name, FOLDED_PRECEDING, unit[0].name))
-    return True
-
-
-def _bn_to_scale_shift(g, node, report) -> bool:
-    """An unfoldable BatchNormalization -> one Mul and one Add, or kept as is."""
-    name = node.name or node.output[0]
-    vecs = _bn_vectors(g, node)
-    rank = g.ranks.get(node.input[0])
-    if isinstance(vecs, str) or rank is None:
-        why = _foldable(g, node, node.input[0], lambda *_: None)[1]
-        left = vecs if isinstance(vecs, str) else "its input rank is unknown"
-        reason = f"{why}; {left}: left as BatchNormalization"
-        report.records.append(FoldRecord(name, UNCHANGED, None, reason))
-        g.skip.add(node.output[0])
-        return False
-    why = _bn_match(g, node, vecs)[1]
-    mul, add = _to_scale_shift(g, node, vecs, rank)
-    g.skip.update((mul.output[0], add.output[0]))
-    report.records.append(FoldRecord(name, KEPT, None, why))
-    return True
-
-
-def _fold_affine(g, node, report) -> bool:
-    """Mul/Add/Sub/Div by a per-channel constant after a linear unit -> folded."""
-    c_idx = [i for i in (0, 1) if g.const(node.input[i]) is not None]
-    if len(c_idx) != 1 or node.op_type in ("Sub", "Div") and c_idx != [1]:
-        return False
-    c = np.asarray(g.const(node.input[c_idx[0]]), np.float64)
-    if node.op_type == "Div":
-        c = 1.0 / c
-    if node.op_type == "Sub":
-        c = -c
-    mul = node.op_type in ("Mul", "Div")
-    if not mul and _is_matmul_bias(g, node):
-        return False
-
-    def vec(axis, r, ch):
-        v = _per_channel(c, axis, r, ch)
-        if v is None:
-            return None
-        return (v, np.zeros(ch)) if mul else (np.ones(ch), v)
-
-    found, _ = _foldable(g, node, node.input[1 - c_idx[0]], vec)
-    if found is None:
-        return False
-    target = found[0][0].name
-    last = _fold(g, found[0], *found[1])
-    _replace(g, node, last)
-    name = f"{node.op_type} {node.name or node.output[0]}"
-    report.records.append(FoldRecord(name, FOLDED_PRECEDING, target))
-    return True
+    Returns None when `node` is no candidate at all (not an affine op).
+    """
+    op = node.op_type
+    if not is_default_domain(node):
+        return None
+    if op == "BatchNormalization":
+        params = _bn_params(g, node)
+        if isinstance(params, str):
+            return params
+        scale, shift = params
+        if scale.ndim == 1:  # per channel along axis 1
+            if rank is None or axis != 1:
+                where = "an unknown axis" if rank is None else f"axis {axis}"
+                return (
+                    "it normalizes axis 1, but the channels of the linear node "
+                    f"are on {where} here"
+                )
+            if scale.size != channels:
+                return f"it has {scale.size} channels, the linear node {channels}"
+            return scale, shift
+        # spatial=0: per activation, shaped like the input without its batch
+        shape = g.shapes.get(node.input[0])
+        s = _per_channel(scale, axis, rank, channels, shape)
+        t = _per_channel(shift, axis, rank, channels, shape)
+        if isinstance(s, str) or isinstance(t, str):
+            return "its per-activation statistics (spatial=0) vary within a channel"
+        return s, t
+    if op not in AFFINE or len(node.input) != 2:
+        return None
+    if node.input[0] == node.input[1]:
+        return f"{op} of a tensor with itself"
+    k = list(node.input).index(tensor)
+    other = node.input[1 - k]
+    c = g.const(other)
+    if c is None:
+        return f"its other operand {g.const_reason(other)}"
+    if c.dtype.kind != "f":
+        return "its constant is not floating point"
+    v = _per_channel(c, axis, rank, channels, g.shapes.get(tensor))
+    if isinstance(v, str):
+        return v
+    if not np.all(np.isfinite(v)):
+        return "its constant has non-finite values"
+    one, zero = np.ones(channels), np.zeros(channels)
+    if op == "Mul":
+        return v, zero
+    if op == "Add":
+        return one, v
+    if op == "Sub":
+        return (one, -v) if k == 0 else (-one, v)
+    if k == 1:
+        return "it divides by the tensor (not an affine map)"
+    if np.any(v == 0):
+        return "it divides by zero"
+    return 1.0 / v, zero
 
 
-#: The rewrites, tried in this order on each node: (name, op types, rewrite).
-#: A rewrite returns True when it changed the graph; each does exactly one
-#: thing, like tf2onnx's optimizers and ONNX Runtime's fusion_* passes.
-PATTERNS = (
-    ("bn_into_linear", ("BatchNormalization",), _fold_bn),
-    ("bn_to_scale_shift", ("BatchNormalization",), _bn_to_scale_shift),
-    ("affine_into_linear", _AFFINE, _fold_affine),
-)
+def _layout(g: Graph, node, tensor, axis, rank, channels):
+    """`(axis, rank)` of the channels after layout op `node`, or a reason."""
+    op = node.op_type
+    out = node.output[0]
+    if op == "Identity":
+        return axis, rank
+    if op == "Cast":
+        same = g.dtypes.get(tensor) == attr(node, "to") and g.dtypes.get(tensor)
+        return (axis, rank) if same else f"{node_label(node)} changes the type"
+    if rank is None:
+        return f"the rank before {node_label(node)} is unknown"
+    known = g.shapes.get(tensor)
+    if known is not None and len(known) != rank:
+        return f"the rank before {node_label(node)} is uncertain"
+    if op == "Transpose":
+        perm = attr(node, "perm") or list(range(rank))[::-1]
+        if sorted(perm) != list(range(rank)):
+            return f"{node_label(node)} has an invalid perm {perm}"
+        return list(perm).index(axis), rank
+    if op in ("Squeeze", "Unsqueeze"):
+        if len(node.input) > 1 and node.input[1]:
+            a = g.const(node.input[1])
+            axes = None if a is None else [int(x) for x in np.ravel(a)]
+            if axes is None:
+                return f"the axes of {node_label(node)} are computed at run time"
+        else:
+            axes = attr(node, "axes")
+        if op == "Squeeze":
+            shape = g.shapes.get(tensor)
+            if axes is None:
+                if shape is None or None in shape:
+                    return f"{node_label(node)} squeezes axes unknown here"
+                axes = [k for k, d in enumerate(shape) if d == 1]
+            axes = sorted({a % rank for a in axes})
+            if axis in axes:
+                return f"{node_label(node)} removes the channel axis"
+            return axis - sum(a < axis for a in axes), rank - len(axes)
+        if axes is None:
+            return f"{node_label(node)} has no axes"
+        new_rank = rank + len(axes)
+        axes = {a % new_rank for a in axes}
+        return [p for p in range(new_rank) if p not in axes][axis], new_rank
+    # Reshape, Flatten: provable when the channel and everything after it
+    # keep their sizes (the flat index of each element keeps its channel).
+    before, after = g.shapes.get(tensor), g.shapes.get(out)
+    if before is None or after is None:
+        return f"the shapes around {node_label(node)} are unknown"
+    inner = before[axis + 1 :]
+    if before[axis] not in (channels, None) or None in inner:
+        return f"the shapes around {node_label(node)} are unknown"
+    size = int(np.prod(inner, dtype=np.int64))
+    for b in range(len(after)):
+        rest = after[b + 1 :]
+        if after[b] == channels and None not in rest and np.prod(rest) == size:
+            return b, len(after)
+    return f"{node_label(node)} moves the channels ({before} -> {after})"
 
 
-def _step(g, report) -> bool:
-    """Applies the first pattern that matches a node; True if one did."""
-    for node in g.g.node:
-        if node.output and node.output[0] in g.skip:
+def _walk(g: Graph, unit: _Unit):
+    """The chain of per-channel affine nodes after `unit`.
+
+    Returns `(steps, stop, reason)`: the affine steps (through layout ops),
+    the node where the chain stopped (or None) and why.
+    """
+    cur, axis, rank, ch = unit.node.output[0], unit.axis, unit.rank, unit.channels
+    steps, layout = [], False
+    while True:
+        users = g.consumers.get(cur, [])
+        if cur in g.outputs or len(users) != 1:
+            names = [node_label(u) for u in users] + (
+                ["a graph output"] if cur in g.outputs else []
+            )
+            nxt = users[0] if users else None
+            return steps, nxt, f"{cur!r} is read by {len(names)}: {', '.join(names)}"
+        n = users[0]
+        if n.op_type in LAYOUT and is_default_domain(n) and n.input[0] == cur:
+            moved = _layout(g, n, cur, axis, rank, ch)
+            if isinstance(moved, str):
+                return steps, n, moved
+            axis, rank = moved
+            layout = layout or n.op_type not in ("Identity", "Cast")
+            cur = n.output[0]
             continue
-        for _, ops, rewrite in PATTERNS:
-            if node.op_type in ops and rewrite(g, node, report):
-                return True
-    return False
+        if n.op_type == "BatchNormalization" and n.input[0] != cur:
+            return steps, n, f"{cur!r} is not its data input"
+        found = _affine(g, n, cur, axis, rank, ch)
+        if found is None:
+            return steps, n, f"{node_label(n)} is not an affine op"
+        if isinstance(found, str):
+            return steps, n, found
+        steps.append(_Step(n, *found, after_layout=layout))
+        cur = n.output[0]
 
 
-def _is_matmul_bias(g, node):
-    p = g.producer.get(node.input[0])
-    return p is not None and p.op_type == "MatMul" and g.const(p.input[1]) is not None
+def _root(g: Graph, node):
+    """The linear node that a chain through `node` starts from, or a reason."""
+    cur = node
+    while True:
+        x = _data_input(g, cur)
+        if x is None:
+            return f"{node_label(cur)} has no single tensor operand"
+        p = g.producer.get(x)
+        if p is None:
+            return f"its input {x!r} is a graph input, not made by {_LINEAR_NAMES}"
+        if not g.sole_user(x, cur):
+            return f"{x!r} (from {node_label(p)}) is read by other nodes too"
+        if p.op_type in LINEAR and is_default_domain(p):
+            return p
+        if (
+            not is_default_domain(p)
+            or p.op_type not in LAYOUT + AFFINE + ("BatchNormalization",)
+            or _data_input(g, p) is None
+        ):
+            return f"its input comes from {node_label(p)}, not from {_LINEAR_NAMES}"
+        cur = p
 
 
-def _replace(g, node, last):
-    """Removes folded `node`; `last` (the unit's last node) takes its output."""
-    if last is None:
-        raise AssertionError("internal: fold target missing")
-    last.output[0] = node.output[0]
-    g.g.node.remove(node)
-    g.refresh()
+def _data_input(g: Graph, node):
+    if node.op_type in LAYOUT or node.op_type == "BatchNormalization":
+        return node.input[0] if node.input else None
+    if node.op_type in AFFINE and len(node.input) == 2:
+        consts = [g.const(i) is not None for i in node.input]
+        if consts.count(False) == 1:
+            return node.input[consts.index(False)]
+    return None
 
 
-def _to_bias_add(g, node, shift, like):
-    g.set_input(node, 1, shift, like)
-    del node.input[2:]
-    del node.attribute[:]
-    node.op_type = "Add"
-    g.refresh()
+def _bn_like(g: Graph, node) -> bool:
+    """A BatchNormalization, or a scale/shift that may be one (reported)."""
+    if not is_default_domain(node):
+        return False
+    if node.op_type == "BatchNormalization":
+        return True
+    vec = _vector_operand(g, node)
+    if vec is None:
+        return False
+    if node.op_type in ("Mul", "Div"):
+        return True
+    # an Add/Sub next to a per-channel Mul/Div (the shift of a scale-shift)
+    x = _data_input(g, node)
+    p = g.producer.get(x)
+    if (
+        p is not None
+        and p.op_type in ("Mul", "Div")
+        and _vector_operand(g, p) is not None
+    ):
+        return True
+    users = g.consumers.get(node.output[0], [])
+    return (
+        len(users) == 1
+        and users[0].op_type in ("Mul", "Div")
+        and (_vector_operand(g, users[0]) is not None)
+    )
 
 
-def _to_scale_shift(g, node, vecs, rank):
-    from onnx import helper, numpy_helper
+def _vector_operand(g: Graph, node):
+    """The constant of an affine node if it is a vector along one axis."""
+    if node.op_type not in AFFINE or _data_input(g, node) is None:
+        return None
+    k = list(node.input).index(_data_input(g, node))
+    c = g.const(node.input[1 - k])
+    if c is None or c.size < 2 or sum(d != 1 for d in c.shape) != 1:
+        return None
+    return c
 
-    shape = (-1,) + (1,) * (rank - 2)
+
+# ------------------------------------------------------------------ rewriting
+def _fold(g: Graph, unit: _Unit, steps: list[_Step]) -> None:
+    """Folds `steps` (their composition) into `unit`'s weight and bias."""
+    scale, shift = np.ones(unit.channels), np.zeros(unit.channels)
+    for s in steps:
+        scale, shift = scale * s.scale, shift * s.scale + s.shift
+    p, w = unit.node, np.asarray(unit.w, np.float64)
+    dtype = unit.w.dtype
+    base = p.name or p.output[0]
+    if p.op_type == "Conv":
+        new_w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    elif p.op_type == "ConvTranspose":
+        group = int(attr(p, "group", 1))
+        per = w.shape[1]
+        s = scale.reshape(group, 1, per, *(1,) * (w.ndim - 2))
+        new_w = (w.reshape(group, -1, *w.shape[1:]) * s).reshape(w.shape)
+    elif p.op_type == "Gemm":
+        new_w = w * (scale[:, None] if attr(p, "transB", 0) else scale[None, :])
+    else:
+        new_w = w * scale[None, :]
+    g.set_input(p, 1, g.add_const(new_w.astype(dtype), f"{base}_folded_w"))
+    for s in steps:
+        g.remove_passthrough(s.node, _data_input(g, s.node))
+    if p.op_type == "MatMul":
+        if np.any(shift):
+            out = p.output[0]
+            mid = g.fresh(f"{out}_unbiased")
+            g.shapes[mid], g.dtypes[mid] = g.shapes.get(out), g.dtypes.get(out)
+            if g.shapes[mid] is None:
+                del g.shapes[mid]
+            g.rename_output(p, out, mid)
+            t = g.add_const(shift.astype(dtype), f"{base}_folded_bias")
+            add = _make("Add", [mid, t], [out], f"{base}_bias")
+            g.insert(g.index(p) + 1, add)
+        return
+    bias = p.input[2] if len(p.input) > 2 else ""
+    beta = float(attr(p, "beta", 1.0)) if p.op_type == "Gemm" else 1.0
+    if p.op_type == "Gemm":
+        _set_float(p, "beta", 1.0)
+    if not bias:
+        if np.any(shift):
+            g.set_input(p, 2, g.add_const(shift.astype(dtype), f"{base}_folded_b"))
+        return
+    b = g.const(bias)
+    if b is not None:  # any shape that broadcasts (Gemm's C: (N,), (M, 1), ...)
+        new_b = np.asarray(b, np.float64) * beta * scale + shift
+        g.set_input(p, 2, g.add_const(new_b.astype(dtype), f"{base}_folded_b"))
+        return
+    # a bias computed at run time (or an overridable one): scale it in the graph
+    cur = bias
+    if beta != 1.0 or np.any(scale != 1.0):
+        s = g.add_const((scale * beta).astype(dtype), f"{base}_bias_scale")
+        nxt = g.fresh(f"{base}_bias_scaled")
+        g.insert(g.index(p), _make("Mul", [cur, s], [nxt], nxt))
+        cur = nxt
+    if np.any(shift):
+        t = g.add_const(shift.astype(dtype), f"{base}_bias_shift")
+        nxt = g.fresh(f"{base}_bias_shifted")
+        g.insert(g.index(p), _make("Add", [cur, t], [nxt], nxt))
+        cur = nxt
+    if cur != bias:
+        g.set_input(p, 2, cur)
+
+
+def _make(op, inputs, outputs, name):
+    from onnx import helper
+
+    return helper.make_node(op, inputs, outputs, name=name)
+
+
+def _set_float(node, name, value):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            a.f = value
+            return
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _to_scale_shift(g: Graph, node, scale, shift) -> str | tuple:
+    """Replaces an unfoldable BatchNormalization by one Mul and one Add."""
+    x = node.input[0]
+    rank = g.rank(x)
+    if scale.ndim == 1:
+        if rank is None or rank < 2:
+            return "its input rank is unknown"
+        shape = (-1,) + (1,) * (rank - 2)
+    else:
+        shape = scale.shape
     dtype = g.const(node.input[1]).dtype
     base = node.name or node.output[0]
-    names = []
-    for suffix, v in (("scale", vecs[0]), ("shift", vecs[1])):
-        name, k = f"{base}_{suffix}", 0
-        while name in g.inits or name in g.producer:
-            k += 1
-            name = f"{base}_{suffix}_{k}"
-        init = numpy_helper.from_array(np.reshape(v, shape).astype(dtype), name)
-        g.g.initializer.append(init)
-        g.inits[name] = init
-        names.append(name)
-    mid = f"{base}_scaled"
-    mul = helper.make_node("Mul", [node.input[0], names[0]], [mid], name=f"{base}_mul")
-    add = helper.make_node("Add", [mid, names[1]], [node.output[0]], name=f"{base}_add")
-    g.ranks[mid] = rank
-    idx = list(g.g.node).index(node)
-    g.g.node.remove(node)
-    g.g.node.insert(idx, add)
-    g.g.node.insert(idx, mul)
-    g.refresh()
-    return mul, add
+    s = g.add_const(np.reshape(scale, shape).astype(dtype), f"{base}_scale")
+    t = g.add_const(np.reshape(shift, shape).astype(dtype), f"{base}_shift")
+    mid = g.fresh(f"{base}_scaled")
+    if x in g.shapes:
+        g.shapes[mid] = g.shapes[x]
+    mul = _make("Mul", [x, s], [mid], f"{base}_mul")
+    add = _make("Add", [mid, t], [node.output[0]], f"{base}_add")
+    at = g.index(node)
+    g.remove(node)
+    g.insert(at, add)
+    g.insert(at, mul)
+    return g.g.node[at], g.g.node[at + 1]
+
+
+# -------------------------------------------------------------------- driver
+def _visit(g: Graph, node, report: FoldReport, done: set) -> None:
+    """Folds the chain through `node`, or reports why not (if BN-like)."""
+    root = _root(g, node)
+    reason = root if isinstance(root, str) else None
+    if reason is None:
+        unit = _linear_unit(g, root)
+        if isinstance(unit, str):
+            reason = unit
+        else:
+            steps, stop, why = _walk(g, unit)
+            if any(s.node is node for s in steps):
+                _fold_steps(g, unit, steps, report, done)
+                return
+            reason = f"not folded into {node_label(root)}: {why}"
+    if not _bn_like(g, node):
+        return
+    name = _record_name(node)
+    if node.op_type != "BatchNormalization":
+        report.records.append(FoldRecord(name, KEPT, None, reason))
+        return
+    params = _bn_params(g, node)
+    if not isinstance(params, str):
+        made = _to_scale_shift(g, node, *params)
+        if not isinstance(made, str):
+            done.update(id(n) for n in made)
+            report.records.append(FoldRecord(name, KEPT, None, reason))
+            return
+        params = made
+    reason = params if params in reason else f"{reason}; {params}"
+    reason = f"{reason}: left as BatchNormalization"
+    report.records.append(FoldRecord(name, UNCHANGED, None, reason))
+
+
+def _fold_steps(g, unit, steps, report, done) -> None:
+    target = unit.node.name or unit.node.output[0]
+    bias = (
+        unit.node.op_type == "MatMul"
+        and steps[0].node.op_type == "Add"
+        and not steps[0].after_layout
+    )
+    if bias and len(steps) == 1:
+        done.add(id(steps[0].node))  # a MatMul's own bias: nothing to fold
+        return
+    for s in steps[1:] if bias else steps:
+        report.records.append(
+            FoldRecord(_record_name(s.node), FOLDED_PRECEDING, target)
+        )
+    done.update(id(s.node) for s in steps)
+    _fold(g, unit, steps)
+
+
+def _record_name(node) -> str:
+    name = node.name or node.output[0]
+    return name if node.op_type == "BatchNormalization" else f"{node.op_type} {name}"
+
+
+def _candidate(g: Graph, node) -> bool:
+    if not is_default_domain(node):
+        return False
+    if node.op_type == "BatchNormalization":
+        return True
+    return node.op_type in AFFINE and _data_input(g, node) is not None
+
+
+def _run(g: Graph, report: FoldReport) -> None:
+    if g.opset < 7:
+        for n in g.g.node:
+            if n.op_type == "BatchNormalization" and is_default_domain(n):
+                reason = (
+                    f"opset {g.opset} < 7 (legacy broadcasting) is not supported: "
+                    "left as BatchNormalization"
+                )
+                report.records.append(
+                    FoldRecord(_record_name(n), UNCHANGED, None, reason)
+                )
+        return
+    done: set[int] = set()
+    for node in list(g.g.node):
+        if id(node) in done or not _candidate(g, node):
+            continue
+        if id(node) in g.removed:
+            continue  # removed by an earlier fold
+        done.add(id(node))
+        _visit(g, node, report, done)
 
 
 def _load_external_data(model, base_dir) -> None:
@@ -460,16 +617,19 @@ def fold_onnx(
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Folds batch normalization into the linear nodes of an ONNX model.
 
-    `BatchNormalization` nodes, and `Mul`/`Add`/`Sub`/`Div` nodes with a
-    per-channel constant, that follow a `Conv`, `ConvTranspose` (group 1),
-    `Gemm` or `MatMul` (with a constant 2-D weight, and its bias `Add`) whose
-    output feeds only them are folded into its weights and bias. A
-    `BatchNormalization` that cannot be folded becomes one `Mul` and one `Add`.
-    A `BatchNormalization` whose parameters are not constants (or invalid)
-    is left as it is, reported. The input model is not changed.
-
-    The rewrites are the table `PATTERNS` (one rewrite each), applied until
-    none matches; shapes are inferred once.
+    A chain of per-channel affine nodes (`BatchNormalization` in inference
+    mode, `Mul`/`Add`/`Sub`/`Div` by a per-channel constant) after a `Conv`,
+    `ConvTranspose`, `Gemm` or `MatMul` with a constant weight is folded into
+    that node's weight and bias, also through layout ops that provably keep
+    each element's channel (`Transpose`, `Reshape`, `Flatten`, `Squeeze`,
+    `Unsqueeze`, `Identity`, a `Cast` to the same type), where every tensor
+    on the way feeds only the next node. A `BatchNormalization` that cannot
+    be folded becomes one `Mul` and one `Add`, or is left as it is (training
+    mode, parameters that are not constants). Every batch normalization, and
+    every per-channel scale-shift that was not folded, is in the report with
+    the reason. Weights that are graph inputs (initializers a user can
+    override, as every initializer of an IR < 4 model is) are never baked
+    in. The input model is not changed.
 
     Args:
         model: An `onnx.ModelProto` (for example from `onnx.load(path)`).
@@ -484,6 +644,7 @@ def fold_onnx(
         a `FoldReport` listing every folded, kept or unchanged node.
 
     Raises:
+        TypeError: If `model` is not an `onnx.ModelProto`.
         ValueError: If the model has external data and `base_dir` is missing,
             not a folder, or the data lies outside it.
 
@@ -501,13 +662,9 @@ def fold_onnx(
     new = onnx.ModelProto()
     new.CopyFrom(model)
     _load_external_data(new, base_dir)
-    g = _Graph(new)
+    g = Graph(new)
     report = FoldReport()
-    while _step(g, report):
-        pass
-    used = {i for n in g.g.node for i in n.input}
-    keep = [i for i in g.g.initializer if i.name in used or i.name in g.outputs]
-    del g.g.initializer[:]
-    g.g.initializer.extend(keep)
+    _run(g, report)
+    g.prune()
     onnx.checker.check_model(new)
     return new, report

@@ -395,6 +395,7 @@ class _Stderr:
     """
 
     LABELS = {
+        "import": "importing keras ({backend}) and {route}",
         "load": "loading {model}",
         "fold": "folding batch normalization",
         "convert": "converting with {route}",
@@ -676,12 +677,31 @@ def _check_subclassed(model, args) -> None:
         )
 
 
+def _low_precision(model) -> str | None:
+    """The first float16/bfloat16 compute dtype among the model's layers."""
+    seen, stack = set(), [model]
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        dtype = getattr(layer, "compute_dtype", None)
+        if dtype in ("float16", "bfloat16"):
+            return dtype
+        stack.extend(getattr(layer, "layers", None) or [])
+    return None
+
+
 def _export(args) -> int:
     _check_input(args.model, (".keras",), args.max_uncompressed)
     _check_output(args.output, ".onnx", args.force)
-    route = _route(backend_name())
-    _OUT.names["route"] = route
-    top = _deps.max_opset(route)
+    backend = backend_name()
+    route = _route(backend)
+    _OUT.names.update(route=route, backend=backend)
+    with _OUT.step("import"):
+        import keras  # noqa: F401 - imports the backend: the slow part
+
+        top = _deps.max_opset(route)
     if args.opset > top:
         raise UsageError(
             f"argument --opset: {args.opset} is above {top}, the highest opset the "
@@ -713,11 +733,11 @@ def _export(args) -> int:
         )
     except export.ParityError as e:
         message = f"verification failed: {_one_line(e)}"
-        compute = getattr(getattr(model, "dtype_policy", None), "compute_dtype", None)
-        if args.rtol is not None and compute not in (None, "float32", "float64"):
+        low = _low_precision(model)
+        if args.rtol is not None and low:
             message += (
-                f" (the model computes in {compute}: --rtol auto picks a tolerance "
-                "for it)"
+                f" The model computes in {low}: leave out --rtol (auto) for a "
+                "tolerance that follows its compute dtype."
             )
         _OUT.error(message)
         return 1
@@ -728,10 +748,10 @@ def _export(args) -> int:
     reason = getattr(report, "rtol_reason", None)
     if reason and reason not in text:
         print(f"tolerance: {report.rtol:g} ({reason})")
-    if getattr(report, "outputs_vary", True) is False and "vary" not in text:
+    if getattr(report, "outputs_vary", None) is False:
         _OUT.error(
-            "warning: every output is the same for all sample inputs, so the "
-            "parity check proves nothing about this model's numbers"
+            "warning: the model's outputs are the same for every sample input, so "
+            "the parity check proves nothing about its numbers"
         )
     return 0
 

@@ -178,10 +178,11 @@ def assert_contract(result, code, match):
 
 
 def assert_line(result, code, line):
-    """Exit status `code` and exactly `line` on stderr besides progress lines."""
+    """Exit status `code` and exactly `line` (or nothing, for None) on stderr
+    besides the progress lines."""
     got, _, err = result
     assert got == code, err
-    assert messages(err) == [line], err
+    assert messages(err) == ([] if line is None else [line]), err
 
 
 def test_output_problems_are_usage_errors(model_file, tmp_path, capsys):
@@ -587,6 +588,59 @@ def test_rtol_auto_by_default_and_the_tolerance_is_printed(
     assert fake_export.calls[-1]["rtol"] == 2e-4
 
 
+def test_constant_outputs_warn_on_stderr(model_file, tmp_path, capsys, fake_export):
+    route_or_skip()
+    fake_export.report = {"outputs_vary": False}
+    result = call_main(capsys, "export", model_file, "-o", tmp_path / "a.onnx")
+    assert_line(
+        result,
+        0,
+        "keras-bn: warning: the model's outputs are the same for every sample "
+        "input, so the parity check proves nothing about its numbers",
+    )
+    fake_export.report = {"outputs_vary": True}
+    assert_line(
+        call_main(capsys, "export", model_file, "-o", tmp_path / "b.onnx"), 0, None
+    )
+
+
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory):
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            L.Dense(8, dtype="mixed_float16"),
+            keras_bn.BatchNormalization(dtype="mixed_float16"),
+            L.Dense(3, dtype="mixed_float16"),
+        ]
+    )
+    path = tmp_path_factory.mktemp("mixed") / "mixed.keras"
+    model.save(path)
+    return path
+
+
+def test_parity_failure_with_a_given_rtol_hints_at_auto(
+    mixed_file, model_file, tmp_path, capsys, fake_export
+):
+    from converters import export
+
+    route_or_skip()
+
+    def fail():
+        raise export.ParityError("error 6.1e-04 > rtol=1e-05", None)
+
+    fake_export.before_write = fail
+    want = "keras-bn: verification failed: error 6.1e-04 > rtol=1e-05"
+    hint = (
+        " The model computes in float16: leave out --rtol (auto) for a tolerance "
+        "that follows its compute dtype."
+    )
+    args = ("-o", tmp_path / "m.onnx", "--rtol", "1e-5")
+    assert_line(call_main(capsys, "export", mixed_file, *args), 1, want + hint)
+    assert_line(call_main(capsys, "export", model_file, *args), 1, want)  # float32
+    assert os.listdir(tmp_path) == []
+
+
 def test_export_options_reach_export_onnx(model_file, tmp_path, capsys, fake_export):
     route_or_skip()
     code, _, err = call_main(
@@ -619,10 +673,11 @@ def test_progress_lines(model_file, tmp_path, capsys, fake_export):
     code, _, err = call_main(capsys, "export", model_file, "-o", out)
     assert code == 0, err
     lines = err.splitlines()
-    assert len(lines) == 3 and all(PROGRESS.match(ln) for ln in lines), err
-    assert lines[0].startswith(f"keras-bn: loading {model_file} ... ")
-    assert lines[1] == f"keras-bn: converting with {route} ... 4.2 s"
-    assert lines[2] == f"keras-bn: writing {out} ... 0.0 s"
+    assert len(lines) == 4 and all(PROGRESS.match(ln) for ln in lines), err
+    assert lines[0].startswith(f"keras-bn: importing keras ({BACKEND}) and {route} ")
+    assert lines[1].startswith(f"keras-bn: loading {model_file} ... ")
+    assert lines[2] == f"keras-bn: converting with {route} ... 4.2 s"
+    assert lines[3] == f"keras-bn: writing {out} ... 0.0 s"
     args = ("export", model_file, "-o", tmp_path / "b.onnx", "--quiet")
     code, _, err = call_main(capsys, *args)
     assert (code, err) == (0, "")

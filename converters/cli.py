@@ -852,6 +852,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if main_thread:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # one line, even twice
+        if debug:  # where it was, e.g. to see what hung
+            _OUT._end_line()
+            traceback.print_exc()
         _OUT.error("interrupted")
         return EXIT_INTERRUPTED
     finally:

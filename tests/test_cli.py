@@ -472,6 +472,16 @@ def test_interrupt_exits_130_and_writes_nothing(
     assert os.listdir(tmp_path) == []
 
 
+def test_interrupt_with_debug_shows_where(model_file, tmp_path, capsys, monkeypatch):
+    from converters import cli
+
+    monkeypatch.setattr(cli, "_load_keras", _raise_interrupt)
+    args = ("fold", model_file, "-o", tmp_path / "f.keras", "--debug")
+    code, _, err = call_main(capsys, *args)
+    assert code == 130 and "Traceback" in err and "_raise_interrupt" in err
+    assert err.splitlines()[-1] == "keras-bn: interrupted"
+
+
 def test_interrupt_swallowed_during_fold_writes_nothing(
     model_file, tmp_path, capsys, monkeypatch
 ):

@@ -134,7 +134,7 @@ def test_export_inspect_and_verification_failure(model_file, tmp_path):
     assert not bad.exists() and sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
-def test_error_paths(model_file, tmp_path):
+def test_error_paths(model_file, tmp_path, capsys):
     missing = tmp_path / "missing.keras"
     junk = tmp_path / "junk.keras"
     junk.write_text("not a zip")
@@ -153,7 +153,7 @@ def test_error_paths(model_file, tmp_path):
         (["frobnicate"], "invalid choice"),
     ]
     for args, match in cases:
-        assert_one_line_error(run_cli(*args), 2, match)
+        assert_contract(call_main(capsys, *args), 2, match)
     assert existing.read_bytes() == b"keep me"
     assert sorted(os.listdir(tmp_path)) == ["exists.onnx", "junk.keras", "junk.onnx"]
 

@@ -97,11 +97,11 @@ def model_file(tmp_path_factory):
     return path
 
 
-def test_fold_then_inspect(model_file, tmp_path):
+def test_fold_then_inspect(model_file, tmp_path, capsys):
     out = tmp_path / "folded.keras"
-    proc = run_cli("fold", model_file, "-o", out)
-    assert proc.returncode == 0, proc.stderr
-    assert "2 folded, 0 kept" in proc.stdout
+    code, stdout, err = call_main(capsys, "fold", model_file, "-o", out)
+    assert code == 0, err
+    assert "2 folded, 0 kept" in stdout
     import converters.affine  # noqa: F401 - registers ChannelAffine
 
     original = keras.saving.load_model(model_file)
@@ -110,10 +110,10 @@ def test_fold_then_inspect(model_file, tmp_path):
     ref = keras.ops.convert_to_numpy(original(x))
     got = keras.ops.convert_to_numpy(folded(x))
     assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
-    proc = run_cli("inspect", model_file)
-    assert proc.returncode == 0 and "2 BatchNormalization layer(s)" in proc.stdout
-    assert "folded_into_following" in proc.stdout
-    assert_one_line_error(run_cli("fold", model_file, "-o", out), 2, "--force")
+    code, stdout, _ = call_main(capsys, "inspect", model_file)
+    assert code == 0 and "2 BatchNormalization layer(s)" in stdout
+    assert "folded_into_following" in stdout
+    assert_contract(call_main(capsys, "fold", model_file, "-o", out), 2, "--force")
 
 
 @E2E

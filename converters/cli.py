@@ -658,6 +658,7 @@ def _check_subclassed(model, args) -> None:
     from keras_bn import _keras_graph
 
     if _keras_graph.is_graph_model(model):
+        _check_signature(model, args.input_signature)
         return
     needed = [
         flag
@@ -675,6 +676,35 @@ def _check_subclassed(model, args) -> None:
             "input of its call, ';' between inputs), or rebuild it with the "
             "Functional API"
         )
+
+
+def _check_signature(model, signature) -> None:
+    """A given --input-signature must fit a Functional model's inputs."""
+    if signature is None:
+        return
+    inputs = list(model.inputs)
+    if len(signature) != len(inputs):
+        raise UsageError(
+            f"argument --input-signature: {len(signature)} input(s) given, but the "
+            f"model has {len(inputs)}; give one '(dims):dtype' per input, ';' "
+            "between them"
+        )
+    for i, ((dims, _), x) in enumerate(zip(signature, inputs, strict=True), 1):
+        shape = tuple(x.shape)
+        fits = len(dims) == len(shape) and all(
+            a is None or b is None or a == b for a, b in zip(dims, shape, strict=True)
+        )
+        if not fits:
+            raise UsageError(
+                f"argument --input-signature: input {i} has shape "
+                f"{_dims_text(dims)}, but the model's input "
+                f"{getattr(x, 'name', i)!r} has shape {_dims_text(shape)}; use "
+                f"e.g. '{_dims_text(shape)}'"
+            )
+
+
+def _dims_text(dims) -> str:
+    return "(" + ",".join("None" if d is None else str(d) for d in dims) + ")"
 
 
 def _low_precision(model) -> str | None:

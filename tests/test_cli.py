@@ -783,6 +783,41 @@ def test_subclassed_model_in_one_step(subclassed_file, tmp_path, capsys, fake_ex
     assert kwargs["fold"] is False
 
 
+def test_input_signature_must_fit_a_functional_model(
+    model_file, tmp_path, capsys, fake_export
+):
+    route_or_skip()
+    name = keras.saving.load_model(model_file).inputs[0].name
+    out = tmp_path / "m.onnx"
+    cases = [
+        (
+            "(None,5)",
+            "input 1 has shape (None,5), but the model's input "
+            f"{name!r} has shape (None,6); use e.g. '(None,6)'",
+        ),
+        (
+            "(None,6,1)",
+            "input 1 has shape (None,6,1), but the model's input "
+            f"{name!r} has shape (None,6); use e.g. '(None,6)'",
+        ),
+        (
+            "(None,6);(None,2)",
+            "2 input(s) given, but the model has 1; give one '(dims):dtype' per "
+            "input, ';' between them",
+        ),
+    ]
+    for text, line in cases:
+        result = call_main(capsys, "export", model_file, "-o", out,
+                           "--input-signature", text)  # fmt: skip
+        assert_line(result, 2, f"keras-bn: error: argument --input-signature: {line}")
+    assert fake_export.calls == [] and os.listdir(tmp_path) == []
+    result = call_main(capsys, "export", model_file, "-o", out,
+                       "--input-signature", "(8,6)")  # fmt: skip
+    assert result[0] == 0 and fake_export.calls[-1]["input_signature"] == [
+        ((8, 6), "float32")
+    ]
+
+
 @pytest.mark.parametrize(
     "text, specs",
     [

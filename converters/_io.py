@@ -5,6 +5,17 @@ to the output. A writer killed before its rename leaves one behind: the next
 write to that folder removes the stale ones (ours only: that pattern, untouched
 for `STALE_AFTER_S` seconds and whose writer process is gone, or untouched for
 a day).
+
+A symbolic link as the output is replaced itself, never written through: its
+target is left as it was. A link whose target is missing counts as an
+existing output (replaced only with `overwrite=True`).
+
+Interrupts: once `interrupted` is set (the `keras-bn` command sets it on
+Ctrl-C, in case a library swallowed the `KeyboardInterrupt`), `atomic_path`
+raises `KeyboardInterrupt` instead of publishing. A Ctrl-C during the rename
+itself is held until the rename is done, which is then undone (the previous
+file, if any, is put back) before `KeyboardInterrupt` is raised: an
+interrupted write leaves the output as it was.
 """
 
 from __future__ import annotations
@@ -12,13 +23,17 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 STALE_AFTER_S = 300.0
 ABANDONED_AFTER_S = 86400.0
 _TEMP = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)\.)?[a-z0-9_]{8}\.tmp(\.\w+)?$")
+# Set on Ctrl-C by the command line; `atomic_path` then publishes nothing.
+interrupted = threading.Event()
 
 
 def check_output_path(path, overwrite: bool) -> str:
@@ -34,6 +49,13 @@ def check_output_path(path, overwrite: bool) -> str:
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"Output path {path!r} is a directory; give a file.")
+    if not overwrite and os.path.islink(path) and not os.path.exists(path):
+        raise FileExistsError(
+            f"Output {path!r} is a symbolic link to {os.readlink(path)!r}, which "
+            "does not exist. Remove the link, or pass overwrite=True (--force on "
+            "the command line) to replace the link itself (its target is never "
+            "written)."
+        )
     if not overwrite and os.path.exists(path):
         raise FileExistsError(
             f"Output file {path!r} already exists. Pass overwrite=True "
@@ -109,13 +131,32 @@ def remove_stale_temporaries(folder, now: float | None = None) -> list[str]:
     return removed
 
 
-def _publish(tmp: str, path: str, overwrite: bool) -> None:
-    """Moves `tmp` onto `path`; without `overwrite`, atomically refuses to
-    replace a file that appeared meanwhile (a hard link fails if `path`
-    exists; where links are unsupported, a check then a rename)."""
+def _publish(tmp: str, path: str, overwrite: bool) -> Callable[[], None]:
+    """Moves `tmp` onto `path`; returns a function that undoes it.
+
+    Without `overwrite`, atomically refuses to replace a file that appeared
+    meanwhile (a hard link fails if `path` exists; where links are
+    unsupported, a check then a rename). With it, the file replaced is kept
+    as a hard link next to it until the caller is done (where hard links
+    work), so that the undo can put it back.
+    """
     if overwrite:
+        backup = None
+        if os.path.lexists(path):
+            backup = _backup_name(tmp)
+            try:
+                os.link(path, backup, follow_symlinks=False)
+            except OSError:
+                backup = None
         os.replace(tmp, path)
-        return
+
+        def undo():
+            if backup is not None:
+                os.replace(backup, path)
+            else:
+                os.remove(path)
+
+        return undo
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -124,13 +165,32 @@ def _publish(tmp: str, path: str, overwrite: bool) -> None:
             "nothing was replaced. Pass overwrite=True (--force) to replace it."
         ) from None
     except OSError:  # No hard links on this file system.
-        if os.path.exists(path):
+        if os.path.lexists(path):
             raise FileExistsError(
                 f"Output file {path!r} appeared while writing; nothing was replaced."
             ) from None
         os.replace(tmp, path)
+    else:
+        os.remove(tmp)
+    return lambda: os.remove(path)
+
+
+def _backup_name(tmp: str) -> str:
+    return tmp[: tmp.rindex(".tmp")] + ".tmp.old"  # our temporary-file pattern
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[list]:
+    """In the main thread, Ctrl-C only appends to the yielded list meanwhile."""
+    caught: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
         return
-    os.remove(tmp)
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -139,7 +199,8 @@ def atomic_path(path, overwrite: bool = False, suffix: str = "") -> Iterator[str
 
     On an exception the temporary file is removed and `path` is untouched, so
     an error never leaves a partial output. Stale temporary files of earlier,
-    killed writers in that folder are removed first.
+    killed writers in that folder are removed first. An interrupt (see the
+    module docstring) leaves `path` as it was.
 
     Args:
         path: Final output file.
@@ -163,10 +224,19 @@ def atomic_path(path, overwrite: bool = False, suffix: str = "") -> Iterator[str
     os.remove(tmp)  # writers such as `model.save` want to create the file
     try:
         yield tmp
-        _publish(tmp, path, overwrite)
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        with _sigint_held() as caught:
+            undo = _publish(tmp, path, overwrite)
+            if caught or interrupted.is_set():
+                undo()
+        if caught or interrupted.is_set():
+            interrupted.set()
+            raise KeyboardInterrupt
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for leftover in (tmp, _backup_name(tmp)):
+            if os.path.lexists(leftover):
+                os.remove(leftover)
 
 
 def atomic_write_bytes(path, data: bytes, overwrite: bool = False) -> str:

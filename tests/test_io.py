@@ -92,3 +92,84 @@ def test_check_writable(tmp_path):
         pytest.skip("needs /proc (not writable even by root)")
     with pytest.raises(PermissionError, match="not writable"):
         check_writable("/proc/x.onnx")
+
+
+def test_dangling_symlink_output(tmp_path):
+    link = tmp_path / "out.onnx"
+    link.symlink_to(tmp_path / "gone" / "target.onnx")
+    with pytest.raises(
+        FileExistsError,
+        match=r"is a symbolic link to .*target\.onnx', which does not exist\. "
+        r"Remove the link, or pass overwrite=True",
+    ):
+        atomic_write_bytes(link, b"x")
+    assert link.is_symlink()
+    atomic_write_bytes(link, b"x", overwrite=True)  # the link itself is replaced
+    assert not link.is_symlink() and link.read_bytes() == b"x"
+    assert not (tmp_path / "gone").exists() and os.listdir(tmp_path) == ["out.onnx"]
+
+
+def test_symlink_to_a_file_is_replaced_not_written_through(tmp_path):
+    target = tmp_path / "v1.onnx"
+    target.write_bytes(b"v1")
+    link = tmp_path / "latest.onnx"
+    link.symlink_to(target)
+    with pytest.raises(FileExistsError, match="already exists"):
+        atomic_write_bytes(link, b"v2")
+    atomic_write_bytes(link, b"v2", overwrite=True)
+    assert not link.is_symlink() and link.read_bytes() == b"v2"
+    assert target.read_bytes() == b"v1"
+    assert sorted(os.listdir(tmp_path)) == ["latest.onnx", "v1.onnx"]
+
+
+@pytest.fixture
+def sigint_during(monkeypatch):
+    """Sends SIGINT to this process right after the first call of os.NAME."""
+    import signal
+
+    def arm(name):
+        real = getattr(os, name)
+        sent = []
+
+        def call(*args, **kwargs):
+            result = real(*args, **kwargs)
+            if not sent:
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+            return result
+
+        monkeypatch.setattr(os, name, call)
+
+    return arm
+
+
+@pytest.mark.parametrize("existing", [None, b"old"])
+def test_interrupt_during_the_rename_is_undone(tmp_path, sigint_during, existing):
+    from converters import _io
+
+    path = tmp_path / "out.onnx"
+    if existing is not None:
+        path.write_bytes(existing)
+    sigint_during("replace" if existing is not None else "link")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write_bytes(path, b"new", overwrite=existing is not None)
+        assert _io.interrupted.is_set()
+    finally:
+        _io.interrupted.clear()
+    if existing is None:
+        assert os.listdir(tmp_path) == []
+    else:
+        assert path.read_bytes() == existing and os.listdir(tmp_path) == ["out.onnx"]
+
+
+def test_nothing_published_once_interrupted(tmp_path):
+    from converters import _io
+
+    _io.interrupted.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write_bytes(tmp_path / "out.onnx", b"x")
+    finally:
+        _io.interrupted.clear()
+    assert os.listdir(tmp_path) == []

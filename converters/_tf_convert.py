@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import keras
 
-from converters._deps import require
 from keras_bn import _keras_graph
+
+from ._deps import require
 
 # Function attributes that stop TensorFlow's graph optimizer from inlining.
 _NO_INLINE = ("_noinline", "_XlaMustCompile", "_XlaCompile")
@@ -97,7 +98,12 @@ def _optimize_to_fixed_point(proto):
 
 
 def to_onnx(model, signature: list, opset: int):
-    """`model(inputs, training=False)` as an ONNX `ModelProto`."""
+    """`model(inputs, training=False)` as an ONNX `ModelProto`.
+
+    `signature` holds `tf.TensorSpec`s or `Spec`s (name, shape, dtype), one
+    per model input. The frozen graph and the traced function are dropped
+    before returning, so that only the ONNX model stays in memory.
+    """
     tf = require("tensorflow")
     tf2onnx = require("tf2onnx")
     from tensorflow.python.framework.convert_to_constants import (
@@ -108,6 +114,12 @@ def to_onnx(model, signature: list, opset: int):
         inputs = _keras_graph.pack_inputs(model, list(args))
         return keras.tree.flatten(model(inputs, training=False))
 
+    signature = [
+        s
+        if isinstance(s, tf.TensorSpec)
+        else tf.TensorSpec(s.shape, s.dtype, name=s.name)
+        for s in signature
+    ]
     fn = tf.function(call, input_signature=signature)
     concrete = fn.get_concrete_function()
     # The model's own inputs come first; captured tensors follow.
@@ -138,4 +150,5 @@ def to_onnx(model, signature: list, opset: int):
             tensors_to_rename=rename,
             custom_op_handlers={"Erfc": (_erfc, [])},
         )
+    del graph_def, frozen, concrete, fn
     return _optimize_to_fixed_point(proto)

@@ -32,7 +32,7 @@ def dim_names(specs, batch_name: str = "batch") -> list[list]:
 
 
 def to_onnx(model, specs: list, opset: int):
-    """`model(inputs, training=False)` as an ONNX `ModelProto`, via jax2onnx.
+    """`model(inputs, training=False)` as `(ModelProto, exporter)`, via jax2onnx.
 
     Args:
         model: A Keras model on the JAX backend.
@@ -51,10 +51,28 @@ def to_onnx(model, specs: list, opset: int):
         packed = _keras_graph.pack_inputs(model, list(args))
         return tuple(keras.tree.flatten(model(packed, training=False)))
 
-    return jax2onnx.to_onnx(
+    proto = jax2onnx.to_onnx(
         call,
         inputs=inputs,
         opset=opset,
         input_names=[spec.name for spec in specs],
         return_mode="proto",
     )
+    return constant_folded(proto)
+
+
+def constant_folded(proto):
+    """`(proto, exporter)`: `proto` after onnxscript's optimizer when it is
+    installed.
+
+    jax2onnx writes every operation of the traced program, including those
+    on constants only: an unfolded batch normalization's `rsqrt(var + eps)`
+    comes out as Add, Sqrt, Div of initializers, which `fold_onnx` cannot
+    fold. onnxscript's optimizer evaluates them (and drops the Reshapes
+    around broadcast constants), leaving one scale and one shift.
+    """
+    try:
+        import onnxscript.optimizer
+    except ModuleNotFoundError:
+        return proto, "jax2onnx (not constant-folded: pip install onnxscript)"
+    return onnxscript.optimizer.optimize(proto), "jax2onnx, onnxscript optimizer"

@@ -517,7 +517,7 @@ def convert(model, specs, opset: int, route: str | None = None):
     if route == "jax2onnx":
         from ._jax_convert import to_onnx
 
-        proto, exporter = to_onnx(model, specs, native), "jax2onnx"
+        proto, exporter = to_onnx(model, specs, native)
     else:
         from ._torch_convert import to_onnx
 

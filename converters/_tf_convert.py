@@ -30,6 +30,9 @@ model until a pass no longer changes it.
 
 from __future__ import annotations
 
+import ctypes
+import gc
+
 import keras
 
 from keras_bn import _keras_graph
@@ -85,12 +88,28 @@ def _fingerprint(proto) -> list:
     ]
 
 
+def release_memory() -> None:
+    """Collects garbage and hands freed heap memory back to the system.
+
+    tf2onnx builds large temporary graphs (several GB for ResNet50); once
+    they are garbage, glibc keeps the pages in its arenas, so the next stage
+    would add its own peak on top. `malloc_trim(0)` returns them (glibc only;
+    elsewhere this only collects garbage).
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _optimize_to_fixed_point(proto):
     """Re-runs tf2onnx's optimizers on `proto` until a pass changes nothing."""
     from tf2onnx.graph import GraphUtil
 
     for _ in range(_MAX_PASSES):
         again = GraphUtil.optimize_model_proto(proto)
+        release_memory()
         if _fingerprint(again) == _fingerprint(proto):
             return proto
         proto = again
@@ -140,15 +159,21 @@ def to_onnx(model, signature: list, opset: int):
     rename = tf2onnx.convert.tensor_names_from_structed(
         concrete, input_names, output_names
     )
+    name = concrete.name
+    # Only the GraphDef is needed now: drop the traced and frozen functions
+    # before tf2onnx builds its own copies.
+    del frozen, concrete, fn
+    release_memory()
     with tf.device("/cpu:0"):
         proto, _ = tf2onnx.convert.from_graph_def(
             graph_def,
-            name=concrete.name,
+            name=name,
             input_names=input_names,
             output_names=output_names,
             opset=opset,
             tensors_to_rename=rename,
             custom_op_handlers={"Erfc": (_erfc, [])},
         )
-    del graph_def, frozen, concrete, fn
+    del graph_def
+    release_memory()
     return _optimize_to_fixed_point(proto)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import gc
 import math
 import os
 import resource
@@ -21,6 +20,7 @@ from ._deps import require
 from ._io import atomic_write_bytes, check_output_path
 from ._onnx_edit import name_free_dims, opset_of, rename_io, to_float16
 from ._quiet import captured
+from ._tf_convert import release_memory
 from .bench import blocked_latency_ms
 from .fold_keras import fold_batchnorm
 from .report import FoldReport
@@ -689,7 +689,7 @@ def export_onnx(
     with _stage("convert", progress, timings), captured(log, verbose):
         proto, exporter = convert(target, specs, opset, route)
         del target  # the folded copy: not needed any more
-        gc.collect()
+        release_memory()
         onnx_fold_report = None
         if fold:
             from .onnx_fold import fold_onnx
@@ -705,7 +705,7 @@ def export_onnx(
         counts = node_counts(proto)
         opset = opset_of(proto)
         del proto
-        gc.collect()
+        release_memory()
 
     report = ExportReport(
         path=path,
@@ -737,7 +737,7 @@ def export_onnx(
     with _stage("write", progress, timings):
         atomic_write_bytes(path, data, overwrite=overwrite)
         report.file_size = os.path.getsize(path)
-    gc.collect()
+    release_memory()
     report.peak_rss_mb = _peak_rss_mb()
     report.rss_increase_mb = max(0.0, report.peak_rss_mb - rss_start)
     return report

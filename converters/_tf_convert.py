@@ -30,10 +30,14 @@ model until a pass no longer changes it.
 
 from __future__ import annotations
 
+import ctypes
+import gc
+
 import keras
 
-from converters._deps import require
 from keras_bn import _keras_graph
+
+from ._deps import require
 
 # Function attributes that stop TensorFlow's graph optimizer from inlining.
 _NO_INLINE = ("_noinline", "_XlaMustCompile", "_XlaCompile")
@@ -84,12 +88,28 @@ def _fingerprint(proto) -> list:
     ]
 
 
+def release_memory() -> None:
+    """Collects garbage and hands freed heap memory back to the system.
+
+    tf2onnx builds large temporary graphs (several GB for ResNet50); once
+    they are garbage, glibc keeps the pages in its arenas, so the next stage
+    would add its own peak on top. `malloc_trim(0)` returns them (glibc only;
+    elsewhere this only collects garbage).
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _optimize_to_fixed_point(proto):
     """Re-runs tf2onnx's optimizers on `proto` until a pass changes nothing."""
     from tf2onnx.graph import GraphUtil
 
     for _ in range(_MAX_PASSES):
         again = GraphUtil.optimize_model_proto(proto)
+        release_memory()
         if _fingerprint(again) == _fingerprint(proto):
             return proto
         proto = again
@@ -97,7 +117,12 @@ def _optimize_to_fixed_point(proto):
 
 
 def to_onnx(model, signature: list, opset: int):
-    """`model(inputs, training=False)` as an ONNX `ModelProto`."""
+    """`model(inputs, training=False)` as an ONNX `ModelProto`.
+
+    `signature` holds `tf.TensorSpec`s or `Spec`s (name, shape, dtype), one
+    per model input. The frozen graph and the traced function are dropped
+    before returning, so that only the ONNX model stays in memory.
+    """
     tf = require("tensorflow")
     tf2onnx = require("tf2onnx")
     from tensorflow.python.framework.convert_to_constants import (
@@ -108,6 +133,12 @@ def to_onnx(model, signature: list, opset: int):
         inputs = _keras_graph.pack_inputs(model, list(args))
         return keras.tree.flatten(model(inputs, training=False))
 
+    signature = [
+        s
+        if isinstance(s, tf.TensorSpec)
+        else tf.TensorSpec(s.shape, s.dtype, name=s.name)
+        for s in signature
+    ]
     fn = tf.function(call, input_signature=signature)
     concrete = fn.get_concrete_function()
     # The model's own inputs come first; captured tensors follow.
@@ -128,14 +159,21 @@ def to_onnx(model, signature: list, opset: int):
     rename = tf2onnx.convert.tensor_names_from_structed(
         concrete, input_names, output_names
     )
+    name = concrete.name
+    # Only the GraphDef is needed now: drop the traced and frozen functions
+    # before tf2onnx builds its own copies.
+    del frozen, concrete, fn
+    release_memory()
     with tf.device("/cpu:0"):
         proto, _ = tf2onnx.convert.from_graph_def(
             graph_def,
-            name=concrete.name,
+            name=name,
             input_names=input_names,
             output_names=output_names,
             opset=opset,
             tensors_to_rename=rename,
             custom_op_handlers={"Erfc": (_erfc, [])},
         )
+    del graph_def
+    release_memory()
     return _optimize_to_fixed_point(proto)

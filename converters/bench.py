@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from converters._deps import require
+from ._deps import require
 
 
 def _session(path, threads: int):

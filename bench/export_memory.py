@@ -1,0 +1,81 @@
+"""Peak memory of one ONNX export in a fresh process: keras-bn vs Keras.
+
+Run each side in its own process under `/usr/bin/time -v` (its "Maximum
+resident set size" is the number to compare), for example:
+
+    KERAS_BACKEND=tensorflow /usr/bin/time -v .venv/bin/python \
+        bench/export_memory.py ours --model ResNet50
+    KERAS_BACKEND=tensorflow /usr/bin/time -v .venv/bin/python \
+        bench/export_memory.py keras --model ResNet50
+
+`ours` is `export_onnx` of the model with keras_bn's layer (fold, convert,
+fold_onnx, check, verify on `--samples` random inputs); `keras` is Keras's
+own `model.export(format="onnx")` of the same model with Keras's layer (after
+one call, which its export needs). Random weights; the script prints the
+process's peak RSS before and after the export, and `ExportReport`'s numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", choices=["ours", "keras"])
+    parser.add_argument("--model", default="ResNet50", help="keras.applications name")
+    parser.add_argument("--size", type=int, default=224, help="input height/width")
+    parser.add_argument("--samples", type=int, default=16, help="verification batch")
+    args = parser.parse_args(argv)
+
+    import keras_bn
+
+    build = getattr(keras.applications, args.model)
+    model = build(weights=None, input_shape=(args.size, args.size, 3))
+    if args.which == "ours":
+        model = keras_bn.replace_batchnorm(model)
+    x = np.random.default_rng(0).normal(size=(1, args.size, args.size, 3))
+    model(x.astype("float32"))
+    before = _peak_mb()
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.onnx")
+        if args.which == "ours":
+            from converters import export_onnx
+
+            report = export_onnx(model, path, samples=args.samples)
+            print(
+                f"report: peak {report.peak_rss_mb:.0f} MiB, "
+                f"+{report.rss_increase_mb:.0f}"
+            )
+            print(
+                f"parity {report.max_rel_error:.2e}, nodes {sum(report.nodes.values())}"
+            )
+        else:
+            model.export(path, format="onnx", verbose=False)
+        size = os.path.getsize(path)
+    print(
+        f"{keras.backend.backend()} {args.model} {args.which}: "
+        f"{time.perf_counter() - t:.1f} s, file {size / 2**20:.1f} MiB, "
+        f"peak RSS before export {before:.0f} MiB, after {_peak_mb():.0f} MiB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

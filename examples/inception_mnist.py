@@ -832,17 +832,52 @@ def protocol(
     )
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Help that names each option's default, where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--sweep", nargs="+", type=float, metavar="LR")
-    parser.add_argument("--lr", type=float, default=BASELINE_LR, help="baseline lr")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Example (the full protocol): python examples/inception_mnist.py "
+        "--out runs/inception --seeds 0 1 2 --sweep 0.01 0.03 0.1 --ablation",
+        formatter_class=_DefaultsHelp,
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder: runs.csv, curves.csv, results.md, curves.png "
+        "(runs already in its runs.csv are skipped, so a run can be resumed)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run"
+    )
+    parser.add_argument(
+        "--sweep",
+        nargs="+",
+        type=float,
+        metavar="LR",
+        help="choose the Baseline's learning rate by training a Baseline to its "
+        "plateau at each of these on the first seed (overrides --lr)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=BASELINE_LR,
+        help="the Baseline's learning rate when no --sweep is given; the other "
+        "configurations scale it (BN-x5: 5x, BN-x30: 30x)",
+    )
     parser.add_argument(
         "--configs",
         nargs="*",
         choices=list(CONFIGS),
-        help="Table 2 configurations (default: all; no names: none)",
+        help="Table 2 configurations to run (default: all; the flag alone: none)",
     )
     parser.add_argument(
         "--merge",
@@ -854,21 +889,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ablation",
         nargs="*",
         choices=list(ABLATIONS),
-        help="run the ablation arms (no names: all of them)",
+        help="also run these ablation arms (the flag alone: all of them)",
     )
-    parser.add_argument("--cap", type=int, default=CAP)
-    parser.add_argument("--window", type=int, default=WINDOW)
     parser.add_argument(
-        "--smooth", type=int, default=SMOOTH, help="evaluations averaged"
+        "--cap",
+        type=int,
+        default=CAP,
+        help="most training steps of a run (a sixth of it for the fast-decay "
+        "configurations); the learning-rate schedule is stretched to it",
     )
-    parser.add_argument("--width", type=int, default=WIDTH)
-    parser.add_argument("--modules", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--eval-every", type=int, default=EVAL_EVERY)
-    parser.add_argument("--eval-size", type=int, default=EVAL_SIZE)
-    parser.add_argument("--train-size", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="TF/XLA threads")
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=WINDOW,
+        help="plateau window in steps: a run stops when the last WINDOW steps "
+        "did not beat the best before them by more than one standard error",
+    )
+    parser.add_argument(
+        "--smooth",
+        type=int,
+        default=SMOOTH,
+        help="evaluations averaged (trailing mean) before any comparison",
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=WIDTH,
+        help="filters of the stem and of each branch of the first Inception module",
+    )
+    parser.add_argument(
+        "--modules", type=int, default=2, help="Inception modules in the net"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=BATCH_SIZE, help="mini-batch size"
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=EVAL_EVERY,
+        help="steps between test-accuracy evaluations",
+    )
+    parser.add_argument(
+        "--eval-size",
+        type=int,
+        default=EVAL_SIZE,
+        help="test images per evaluation (sets the standard error of the plateau rule)",
+    )
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="use only the first N training images (default: all 60,000)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="TensorFlow intra-op threads (TensorFlow backend only)",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="skip curves.png")
     args = parser.parse_args(argv)
     if args.threads and keras.backend.backend() == "tensorflow":
         import tensorflow as tf

@@ -291,7 +291,7 @@ def test_sequential_built_by_a_call_and_unbuilt(rng):
 
 
 def test_ops_nodes_in_the_graph(rng):
-    """The issue's minimal case, plus ops nodes between BN and its layers."""
+    """The minimal case, plus ops nodes between BN and its layers."""
     inp = keras.Input((8,))
     x = L.BatchNormalization()(L.Dense(4)(inp))
     x = keras.ops.relu(x + 3.0)

@@ -368,7 +368,7 @@ def test_masked_nonfinite_values_are_ignored(rng):
 
 
 def test_conv_model_nan_pixel(rng):
-    """The issue's probe: one NaN pixel used to turn every BN's statistics NaN."""
+    """A reported probe: one NaN pixel used to turn every BN's statistics NaN."""
     model = keras.Sequential(
         [
             keras.Input((8, 8, 2)),

@@ -56,7 +56,7 @@ def _nested():
 
 
 def _ops_node():
-    """The issue's minimal case: a keras.ops node (`x + 3.0`) in the graph."""
+    """The minimal case: a keras.ops node (`x + 3.0`) in the graph."""
     inp = keras.Input((8,))
     x = keras.layers.BatchNormalization()(keras.layers.Dense(4)(inp))
     x = keras.ops.relu(x + 0.5)

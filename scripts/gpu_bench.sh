@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Issue 9's GPU rows in one run, for a session lent a GPU (Keras on JAX).
+# The GPU benchmark rows in one run, on a machine with a GPU (Keras on JAX).
 #
 # Here, once:  bash scripts/fetch-gpu-wheels.sh   (Keras wheels into .whl/)
-# On the device (carry [".whl"]; about 6-8 minutes on an H100/H200):
-#   bash scripts/gpu_issue9.sh
+# On the GPU machine, with .whl/ copied over (about 6-8 minutes on an H100/H200):
+#   bash scripts/gpu_bench.sh
 # It writes to $OUT (default ./gpu_out):
 #   check.txt   bench/gpu_check.py: correctness against float64 on the device
 #   layer.md    bench/bench_layer.py --shapes gpu --floor: keras_bn vs Keras 3
-#               BN and the 8-pass floor (target: >= 0.95 of the floor)
+#               BN and the 8-pass floor
 #   resnet_float32.md, resnet_mixed_bfloat16.md   bench/bench_resnet.py: a
 #               ResNet-50 training step with Keras BN, keras_bn and no BN
 # SMALL=1 runs the same steps at toy sizes (a check of the script on a CPU).

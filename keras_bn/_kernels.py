@@ -98,9 +98,10 @@ def pilot_shift(x, axes: Sequence[int], weights=None):
     for i in axes:
         n *= x0.shape[i] if x0.shape[i] is not None else ops.shape(x0)[i]
     n = ops.cast(n, "float32")
-    plain = _sum(x0 / n, axes, None)
     if weights is None:
-        return plain
+        return _sum(x0 / n, axes, None)
+    # A fully masked first slice: any finite value (a NaN there is padding).
+    plain = _sum(ops.where(ops.isfinite(x0), x0, 0.0) / n, axes, None)
     w = ops.cast(weights, "float32")
     w0 = w[tuple(index)] if w.shape[axes[0]] != 1 else w
     w0 = ops.broadcast_to(w0, ops.shape(x0))
@@ -156,9 +157,10 @@ def forward(
         w = ops.cast(weights, "float32")
         count = _sum(ops.broadcast_to(w, ops.shape(xf)), axes, all_reduce)
         count = count + count_epsilon
-        wxs = w * xs
+        xs_w = ops.where(w > 0, xs, 0.0)  # A masked NaN must not leak in.
+        wxs = w * xs_w
         s1 = _sum(wxs, axes, all_reduce)
-        s2 = _sum(wxs * xs, axes, all_reduce)
+        s2 = _sum(wxs * xs_w, axes, all_reduce)
     if all_reduce is None:
         finite = ops.all(ops.logical_and(ops.isfinite(s1), ops.isfinite(s2)))
         delta, var, inv_std = ops.cond(
@@ -189,7 +191,9 @@ def _moments(s1, s2, count, epsilon):
 def _rescaled_moments(x, k, weights, axes, count, epsilon):
     """`_moments` for inputs whose squares overflow: sums of `(x - k) / s`."""
     xs = ops.cast(x, "float32") - k
-    mag = ops.abs(xs) if weights is None else ops.abs(ops.cast(weights, "float32") * xs)
+    if weights is not None:
+        xs = ops.where(ops.cast(weights, "float32") > 0, xs, 0.0)
+    mag = ops.abs(xs)
     s = ops.max(mag, axis=axes, keepdims=True)
     s = ops.where(ops.logical_and(s > 0.0, ops.isfinite(s)), s, 1.0)
     xn = xs / s

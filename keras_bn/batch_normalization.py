@@ -345,10 +345,18 @@ class BatchNormalization(keras.layers.BatchNormalization):
             )
             return ops.cast(y, self.compute_dtype)
 
-        # Integers are normalized in float32, as Keras does (they are not
-        # autocast); float64 trains at float64 precision (`_wide`).
-        if not backend.is_float_dtype(inputs.dtype):
-            inputs = ops.cast(inputs, backend.result_type(inputs.dtype, "float32"))
+        # As Keras: integers (which are not autocast) are normalized in
+        # float32, and so is a float16/bfloat16 input of another compute dtype
+        # (e.g. via `stateless_call`, which does not autocast), so that the
+        # output is rounded once, to the compute dtype. float64 trains at
+        # float64 precision (`_wide`).
+        dtype = backend.standardize_dtype(inputs.dtype)
+        if not backend.is_float_dtype(dtype) or dtype not in (
+            self.compute_dtype,
+            _wide.DTYPE,
+            "float32",
+        ):
+            inputs = ops.cast(inputs, backend.result_type(dtype, "float32"))
         stats = self._statistics_dtype(inputs)
         gamma, beta = self._affine(stats)
         if self.virtual_batch_size is not None:

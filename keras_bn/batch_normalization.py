@@ -130,7 +130,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
       `ValueError` when called eagerly (the variance is 0 and meaningless, as
       PyTorch also reports). Inside a compiled step (as in `model.fit`, whose
       last batch may hold one example) the layer instead normalizes that batch
-      with the moving statistics, leaves them unchanged, and warns once.
+      with the moving statistics, leaves them unchanged, and warns once, when
+      such a batch runs (on TensorFlow with an unknown batch size under XLA,
+      `jit_compile=True`, it cannot call back to warn, and stays silent).
       (`model.fit(..., run_eagerly=True)` calls the layer eagerly, so there
       such a last batch raises: drop it with `drop_remainder=True` or pick a
       batch size that divides the data set.)
@@ -147,6 +149,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
     * `synchronized=True` is accepted on JAX as well (there, under
       `keras.distribution.DataParallel`, statistics over a sharded batch are
       global either way).
+    * A float64 layer trains at float64 precision: its statistics, output
+      and gradients come from the float64 composite of `keras_bn._wide`, with
+      automatic differentiation (as Keras's layer computes it), not from the
+      float32 kernel. On JAX, float64 needs `jax_enable_x64`; without it a
+      float64 layer computes in float32, as Keras's layer does there.
+      Integer inputs are normalized in float32, as in Keras.
     * Statistics are exact for inputs whose mean is far from zero (the mean
       1e4 with standard deviation 1 in float32 normalizes to 1e-6).
 

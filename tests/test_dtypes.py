@@ -54,10 +54,14 @@ from keras import ops
 import keras_bn
 from tests import harness as h
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() not in ("tensorflow", "jax"),
-    reason="keras_bn's training kernel runs on TensorFlow and JAX only",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        keras.backend.backend() not in ("tensorflow", "jax"),
+        reason="keras_bn's training kernel runs on TensorFlow and JAX only",
+    ),
+    # JAX without x64: a float64 layer is float32 (module docstring).
+    pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64"),
+]
 
 INPUTS = ["int8", "int32", "uint8", "float16", "bfloat16", "float32", "float64"]
 LAYERS = ["float32", "mixed_float16", "bfloat16", "float16", "float64"]

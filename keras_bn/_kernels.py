@@ -249,9 +249,10 @@ def forward(
         w = ops.cast(weights, "float32")
         count = _sum(ops.broadcast_to(w, ops.shape(xf)), axes, all_reduce)
         count = count + count_epsilon
-        wxs = w * xs
+        xs_w = ops.where(w > 0, xs, 0.0)  # A masked NaN must not leak in.
+        wxs = w * xs_w
         s1 = _sum(wxs, axes, all_reduce)
-        s2 = _sum(wxs * xs, axes, all_reduce)
+        s2 = _sum(wxs * xs_w, axes, all_reduce)
     if all_reduce is None:
         delta, var, inv_std = _moments(s1, s2, count, epsilon)
         finite = ops.all(ops.logical_and(ops.isfinite(s1), ops.isfinite(s2)))

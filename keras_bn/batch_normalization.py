@@ -9,7 +9,7 @@ import warnings
 import keras
 from keras import backend, ops
 
-from keras_bn import _ghost, _kernels, _train
+from keras_bn import _ghost, _kernels, _train, _wide
 from keras_bn import backend as _backend
 
 _RENORM_KEYS = ("rmax", "rmin", "dmax")
@@ -19,7 +19,20 @@ _warned: set[str] = set()
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        # Attributed to keras_bn itself: the line that emits it would tell the
+        # user nothing (and during `fit` it is a line of TensorFlow's).
+        warnings.warn_explicit(message, RuntimeWarning, "keras_bn", 0)
+
+
+def _single_value_message(name: str) -> str:
+    return (
+        f"keras_bn: layer '{name}' got a training batch with a single value "
+        "per channel (typically the last, partial batch of an epoch). That "
+        "batch was normalized with the moving statistics, which it did not "
+        "update. To train on full batches only, batch with "
+        "`drop_remainder=True` or use a batch size that divides the number of "
+        "examples."
+    )
 
 
 def _check_unit_interval(name: str, value) -> float:
@@ -117,7 +130,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
       `ValueError` when called eagerly (the variance is 0 and meaningless, as
       PyTorch also reports). Inside a compiled step (as in `model.fit`, whose
       last batch may hold one example) the layer instead normalizes that batch
-      with the moving statistics, leaves them unchanged, and warns once.
+      with the moving statistics, leaves them unchanged, and warns once, when
+      such a batch runs (on TensorFlow with an unknown batch size under XLA,
+      `jit_compile=True`, it cannot call back to warn, and stays silent).
       (`model.fit(..., run_eagerly=True)` calls the layer eagerly, so there
       such a last batch raises: drop it with `drop_remainder=True` or pick a
       batch size that divides the data set.)
@@ -134,6 +149,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
     * `synchronized=True` is accepted on JAX as well (there, under
       `keras.distribution.DataParallel`, statistics over a sharded batch are
       global either way).
+    * A float64 layer trains at float64 precision: its statistics, output
+      and gradients come from the float64 composite of `keras_bn._wide`, with
+      automatic differentiation (as Keras's layer computes it), not from the
+      float32 kernel. On JAX, float64 needs `jax_enable_x64`; without it a
+      float64 layer computes in float32, as Keras's layer does there.
+      Integer inputs are normalized in float32, as in Keras.
     * Statistics are exact for inputs whose mean is far from zero (the mean
       1e4 with standard deviation 1 in float32 normalizes to 1e-6).
 
@@ -332,12 +353,25 @@ class BatchNormalization(keras.layers.BatchNormalization):
             )
             return ops.cast(y, self.compute_dtype)
 
-        gamma, beta = self._affine()
+        # As Keras: integers (which are not autocast) are normalized in
+        # float32, and so is a float16/bfloat16 input of another compute dtype
+        # (e.g. via `stateless_call`, which does not autocast), so that the
+        # output is rounded once, to the compute dtype. float64 trains at
+        # float64 precision (`_wide`).
+        dtype = backend.standardize_dtype(inputs.dtype)
+        if not backend.is_float_dtype(dtype) or dtype not in (
+            self.compute_dtype,
+            _wide.DTYPE,
+            "float32",
+        ):
+            inputs = ops.cast(inputs, backend.result_type(dtype, "float32"))
+        stats = self._statistics_dtype(inputs)
+        gamma, beta = self._affine(stats)
         if self.virtual_batch_size is not None:
             self._check_ghost_batch(inputs)
         weights = None
         if mask is not None:
-            weights = ops.cast(ops.expand_dims(mask, -1), "float32")
+            weights = ops.cast(ops.expand_dims(mask, -1), stats)
         if self._all_reduce() is not None:
             return self._train_synchronized(inputs, gamma, beta, weights)
         ok = self._enough_values(inputs)
@@ -351,20 +385,37 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 lambda: self._train(inputs, gamma, beta, weights),
                 lambda: (
                     ops.cast(self.call(inputs, training=False), inputs.dtype),
-                    ops.convert_to_tensor(self.moving_mean),
-                    ops.convert_to_tensor(self.moving_variance),
+                    ops.cast(self.moving_mean, stats),
+                    ops.cast(self.moving_variance, stats),
                 ),
+            )
+            _backend.warn_if(
+                ops.logical_not(ok),
+                lambda: _warn_once("single", _single_value_message(self.name)),
             )
         if weights is not None:  # A channel needs two unmasked values to update.
             ok = _both(ok, self._count(inputs, weights, {}) > 1.0)
         self._update_moving_statistics(mean, var, ok)
         return ops.cast(y, self.compute_dtype)
 
-    def _affine(self):
+    def _affine(self, dtype):
         channels = self.moving_mean.shape[0]
-        gamma = self.gamma if self.scale else ops.ones((channels,), "float32")
-        beta = self.beta if self.center else ops.zeros((channels,), "float32")
-        return ops.cast(gamma, "float32"), ops.cast(beta, "float32")
+        gamma = self.gamma if self.scale else ops.ones((channels,), dtype)
+        beta = self.beta if self.center else ops.zeros((channels,), dtype)
+        return ops.cast(gamma, dtype), ops.cast(beta, dtype)
+
+    @staticmethod
+    def _statistics_dtype(inputs) -> str:
+        """float64 for float64 inputs (a float64 layer), else float32."""
+        wide = backend.standardize_dtype(inputs.dtype) == _wide.DTYPE
+        return _wide.DTYPE if wide else "float32"
+
+    @staticmethod
+    def _normalize(x, scale, offset, weights=None, **kw):
+        """`_train.batch_norm_train`, or its float64 counterpart for float64."""
+        if backend.standardize_dtype(x.dtype) == _wide.DTYPE:
+            return _wide.batch_norm_train(x, scale, offset, weights, **kw)
+        return _train.batch_norm_train(x, scale, offset, weights, **kw)
 
     def _all_reduce(self):
         """Sums over replicas (synchronized, several replicas), else None."""
@@ -381,7 +432,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             count_epsilon=0.0 if weights is None else backend.epsilon(),
         )
         if not self.renorm and all_reduce is None:
-            y, mean, var = _train.batch_norm_train(inputs, gamma, beta, weights, **kw)
+            y, mean, var = self._normalize(inputs, gamma, beta, weights, **kw)
             return y, mean, self._unbias(var, inputs, weights, kw)
         # The kernel normalizes only (xhat, in float32 so that a float16 output
         # is rounded once and gamma's gradient comes from unrounded xhat), and
@@ -389,8 +440,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         # and beta's gradients are this replica's partial sums (the optimizer
         # sums them over replicas) while the input gradient uses the global
         # sums; under renorm because the map depends on the batch statistics.
-        xhat, mean, var = _train.batch_norm_train(
-            ops.cast(inputs, "float32"),
+        xhat, mean, var = self._normalize(
+            ops.cast(inputs, self._statistics_dtype(inputs)),
             ops.ones_like(gamma),
             ops.zeros_like(beta),
             weights,
@@ -439,7 +490,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             epsilon=self.epsilon,
             count_epsilon=0.0 if weights is None else backend.epsilon(),
         )
-        y, mean, var = _train.batch_norm_train(
+        y, mean, var = self._normalize(
             x,
             _ghost.tile(gamma, groups),
             _ghost.tile(beta, groups),
@@ -455,7 +506,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         # Average over the ghost batches with two values or more in a channel
         # (NaN, so not updated, where there is none: see
         # `_update_moving_statistics`).
-        valid = ops.cast(self._count(x, weights, kw) > 1.0, "float32")
+        valid = ops.cast(self._count(x, weights, kw) > 1.0, mean.dtype)
         groups_ok = _ghost.group_average(valid, channels)
         mean = _ghost.group_average(ops.where(valid > 0, mean, 0.0), channels)
         var = _ghost.group_average(ops.where(valid > 0, var, 0.0), channels)
@@ -490,7 +541,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         """
         if not self.unbiased_variance:
             return var
-        count = self._count(x, weights, kw)
+        count = ops.cast(self._count(x, weights, kw), var.dtype)
         safe = ops.maximum(count - 1.0, 1.0)
         return ops.where(count > 1.0, var * count / safe, float("nan"))
 
@@ -541,21 +592,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
                     f"{self.axis}); its batch variance is 0 and meaningless. Use a "
                     "batch of at least 2 examples, or call it with training=False."
                 )
-            _warn_once(
-                "single",
-                f"keras_bn: layer '{self.name}' got a training batch with a single "
-                "value per channel (typically the last, partial batch of an "
-                "epoch). That batch is normalized with the moving statistics, "
-                "which it does not update.",
-            )
+            # Traced for this shape: such a batch is about to run.
+            _warn_once("single", _single_value_message(self.name))
             return False
-        _warn_once(
-            "dynamic",
-            f"keras_bn: layer '{self.name}' is compiled for an unknown batch size "
-            "(typically for the last, partial batch of an epoch). A batch with a "
-            "single value per channel will be normalized with the moving "
-            "statistics, which it will not update.",
-        )
+        # Unknown when tracing: `call` warns at run time if such a batch comes.
         size = ops.size(inputs) // inputs.shape[self._channel_axis]
         return ops.greater(size, 1)
 
@@ -567,8 +607,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             self._update_renorm_masked(mean, var, finite)
             return
         m = self.momentum
-        old_mean = ops.cast(self.moving_mean, "float32")
-        old_var = ops.cast(self.moving_variance, "float32")
+        # The statistics' dtype (float32, or float64 for a float64 layer).
+        old_mean = ops.cast(self.moving_mean, mean.dtype)
+        old_var = ops.cast(self.moving_variance, mean.dtype)
         self.moving_mean.assign(
             ops.where(finite, old_mean * m + mean * (1.0 - m), old_mean)
         )

@@ -154,12 +154,27 @@ def recalibrate(
 
     Args:
         model: A Keras model containing BN layers.
-        data: The data, as a NumPy array (split into batches of
-            `batch_size`), a `tf.data.Dataset`, a `keras.utils.PyDataset` or
-            any iterable of batches (e.g. a Python generator). A batch that is
-            a tuple `(x, y)` or `(x, y, sample_weight)` contributes `x`.
-            A one-shot iterator (a generator) is read once and its batches are
-            kept in host memory for the later passes.
+        data: The model's inputs, in any form `model.predict` accepts, with
+            the same meaning; only the inputs `x` are used:
+            - an array (NumPy, or a backend tensor), split into batches of
+              `batch_size`;
+            - for a model with several inputs, a list of arrays (in the order
+              of `model.inputs`) or a dict of arrays keyed by input name;
+            - a tuple `(x, y)` or `(x, y, sample_weight)`, as `fit` takes
+              them (`x` an array, list or dict as above): `y` and
+              `sample_weight` are ignored, and must have as many rows as `x`;
+            - a `tf.data.Dataset`, a `keras.utils.PyDataset` or any iterable
+              of batches (e.g. a Python generator) yielding `x`, `(x,)`,
+              `(x, y)` or `(x, y, sample_weight)` (a list counts as a tuple,
+              as in `fit` and `predict`).
+            Ambiguous forms raise a `ValueError` that shows the unambiguous
+            one: a tuple of arrays for a model with several inputs (its inputs,
+            or `(x, y)`? Pass the inputs as a list or dict), a tuple whose `y`
+            has a different number of rows than `x`, a tuple longer than 3, and
+            a list of several arrays for a model with one input (several
+            inputs, or several batches? Pass batches as a generator or
+            dataset). A one-shot iterator (a generator) is read once and its
+            batches are kept in host memory for the later passes.
         steps: Number of batches to use (all of `data` if None; required for
             an infinite data set). Must be positive.
         batch_size: Batch size for NumPy input.
@@ -209,7 +224,16 @@ def recalibrate(
             "Argument `skip_nonfinite` must be True or False. Received: "
             f"skip_nonfinite={skip_nonfinite!r}"
         )
-    batches = _Batches(data, steps, batch_size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(
+            "Argument `batch_size` must be a positive int. Received: "
+            f"batch_size={batch_size!r}"
+        )
+    if batch_size < 1:
+        raise ValueError(
+            f"Argument `batch_size` must be positive. Received: batch_size={batch_size}"
+        )
+    batches = _Batches(data, steps, batch_size, model)
     order = _call_order(model, bns, batches.first())
     missing = [layer.name for layer in bns if id(layer) not in order.calls]
     if missing:
@@ -284,17 +308,22 @@ def _bn_layers(model) -> list:
 class _Batches:
     """Re-iterable batches of model inputs (`x` only) from any supported data."""
 
-    def __init__(self, data, steps, batch_size):
+    def __init__(self, data, steps, batch_size, model):
         self.steps = steps
         self._cache = None
-        if isinstance(data, np.ndarray):
-            if data.shape[0] == 0:
+        self._unpack = True  # batches of a data set: `(x, y, sample_weight)`
+        x = _array_inputs(data, model)
+        if x is not None:
+            rows = _rows(x, "x" if isinstance(data, tuple) else "data")
+            if rows == 0:
                 raise ValueError("Argument `data` is empty (0 examples).")
-            n = math.ceil(data.shape[0] / batch_size)
+            n = math.ceil(rows / batch_size)
             self._source = lambda: (
-                data[i * batch_size : (i + 1) * batch_size] for i in range(n)
+                keras.tree.map_structure(lambda a, s=s: a[s], x)
+                for s in (slice(i * batch_size, (i + 1) * batch_size) for i in range(n))
             )
             self.length = n
+            self._unpack = False
         elif isinstance(data, keras.utils.PyDataset):
             n = data.num_batches
             self._source = lambda: (data[i] for i in range(n))
@@ -337,6 +366,9 @@ class _Batches:
             if self.steps is not None and count >= self.steps:
                 break
             count += 1
+            if not self._unpack:
+                yield batch
+                continue
             yield keras.utils.unpack_x_y_sample_weight(_to_numpy(batch))[0]
         if self.length is None:
             self.length = count
@@ -344,6 +376,129 @@ class _Batches:
     def _replay(self):
         yield from self._cache
         yield from self._source
+
+
+def _is_array(v) -> bool:
+    """A NumPy array or a backend tensor (not a data set)."""
+    if isinstance(v, np.ndarray):
+        return True
+    return (
+        hasattr(v, "shape")
+        and hasattr(v, "dtype")
+        and hasattr(v, "__array__")
+        and not _is_tf_dataset(v)
+    )
+
+
+def _num_inputs(model) -> int | None:
+    """The number of inputs of a Functional/Sequential model, else None."""
+    try:
+        inputs = model.inputs
+    except Exception:  # A subclassed model has no `inputs`.
+        return None
+    return len(inputs) if inputs else None
+
+
+def _array_inputs(data, model):
+    """`x` (NumPy: an array, list or dict of them) if `data` holds arrays.
+
+    None when `data` is a data set or an iterable of batches. Raises for the
+    ambiguous forms (see `recalibrate`'s `data`).
+    """
+    if _is_array(data):
+        return _numpy(data)
+    n_inputs = _num_inputs(model)
+    if isinstance(data, dict):
+        if not data or not all(_is_array(v) for v in data.values()):
+            raise TypeError(
+                "Argument `data` is a dict: it must map the model's input names "
+                "to arrays, as `predict` takes them. Received values of type "
+                f"{sorted({type(v).__name__ for v in data.values()})}"
+            )
+        return {k: _numpy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        if not data or not all(_is_array(v) for v in data):
+            return None  # a list of batches
+        if n_inputs == 1 and len(data) > 1:
+            raise ValueError(
+                f"Argument `data` is a list of {len(data)} arrays, which "
+                f"`predict` reads as the inputs of a model with {len(data)} "
+                f"inputs, but model '{model.name}' has 1 input. Pass a single "
+                "array (`np.concatenate(data)`), or pass batches as a generator "
+                "(`iter(data)`), a tf.data.Dataset or a keras.utils.PyDataset."
+            )
+        return [_numpy(v) for v in data]
+    if not isinstance(data, tuple):
+        return None
+    if not 1 <= len(data) <= 3:
+        raise ValueError(
+            "Argument `data` is a tuple, read as `(x, y)` or `(x, y, "
+            f"sample_weight)` as `fit` takes them, but it has {len(data)} "
+            "elements. Pass the inputs of a model with several inputs as a list "
+            "or a dict of arrays."
+        )
+    x, rest = data[0], data[1:]
+    if _is_array(x) and n_inputs is not None and n_inputs > 1:
+        raise ValueError(
+            f"Argument `data` is a tuple of {len(data)} elements, read as `(x, "
+            "y)` or `(x, y, sample_weight)` as `fit` takes them, but its `x` is "
+            f"one array and model '{model.name}' has {n_inputs} inputs. Pass "
+            "the inputs as a list, `[x1, x2, ...]`, or a dict keyed by input "
+            "name; with targets, as `([x1, x2, ...], y)`."
+        )
+    if not (_is_array(x) or isinstance(x, (list, dict))):
+        raise TypeError(
+            "Argument `data` is a tuple, read as `(x, y)` or `(x, y, "
+            "sample_weight)` as `fit` takes them; `x` must be an array, a list "
+            "or a dict of arrays. To pass batches, pass a generator, a "
+            f"tf.data.Dataset or a keras.utils.PyDataset. Received: x of type "
+            f"{type(x).__name__}"
+        )
+    x = _array_inputs(x, model)
+    if x is None:
+        raise TypeError(
+            "Argument `data` is a tuple whose `x` is a list of batches; pass "
+            "batches as a generator, a tf.data.Dataset or a keras.utils.PyDataset."
+        )
+    rows = _rows(x, "x")
+    for name, v in zip(("y", "sample_weight"), rest, strict=False):
+        if v is None:
+            continue
+        leaves = keras.tree.flatten(v)
+        if not leaves or not all(_is_array(a) for a in leaves):
+            raise TypeError(
+                f"Argument `data` is a tuple, read as `(x, y)` or `(x, y, "
+                f"sample_weight)` as `fit` takes them; its `{name}` must be an "
+                f"array (or a structure of arrays). Received: {type(v).__name__}"
+            )
+        other = {int(np.shape(a)[0]) if np.ndim(a) else None for a in leaves}
+        if other != {rows}:
+            raise ValueError(
+                f"Argument `data` is a tuple, read as `(x, y)` or `(x, y, "
+                f"sample_weight)` as `fit` takes them (only `x` is used), but its "
+                f"`{name}` has {sorted(other, key=str)} rows where `x` has {rows}, "
+                "so it cannot be one. If every array is an input of the model, "
+                "pass them as a list or a dict; if `data` is a pair of batches, "
+                "pass them as a generator or a tf.data.Dataset."
+            )
+    return x
+
+
+def _numpy(v):
+    return v if isinstance(v, np.ndarray) else np.asarray(_to_numpy(v))
+
+
+def _rows(x, what: str) -> int:
+    """The common number of rows of the arrays in `x`, or a ValueError."""
+    leaves = keras.tree.flatten(x)
+    rows = {int(a.shape[0]) if a.ndim else None for a in leaves}
+    if len(rows) != 1 or None in rows:
+        raise ValueError(
+            f"Argument `{what}` holds arrays with different numbers of rows "
+            f"(examples): {sorted(rows, key=str)}. Every input array must have "
+            "one row per example."
+        )
+    return rows.pop()
 
 
 def _caching(iterator, cache):

@@ -476,6 +476,38 @@ def test_single_value_per_channel_eager_training_raises(rng, shape, axis):
     assert np.all(np.isfinite(h.to_numpy(layer(x, training=False))))
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("first_padded", [False, True])
+@pytest.mark.parametrize("ghost", [None, 2])
+def test_nan_at_masked_positions_stays_out(rng, jit, first_padded, ghost):
+    """Flax's masked batch-norm test: padding holds NaN, the mask excludes it.
+
+    The unmasked outputs and the moving statistics equal those of the same
+    batch with the padding set to 0 (Keras's layer passes this too). With
+    `first_padded`, the first example is all padding (the kernel's pilot
+    shift then comes from a slice that is all masked).
+    """
+    shape = (4, 6, 3)
+    layer = _layer(shape, rng, momentum=0.5, virtual_batch_size=ghost)
+    clean = _layer(shape, rng, momentum=0.5, virtual_batch_size=ghost)
+    clean.set_weights(layer.get_weights())
+    x = rng.normal(2.0, 1.5, shape).astype("float32")
+    mask = np.ones(shape[:2], bool)
+    mask[:, 4:] = False  # sequences of length 4, padded to 6
+    if first_padded:
+        mask[0] = False
+    x_nan = np.where(mask[..., None], x, np.nan).astype("float32")
+    x_zero = np.where(mask[..., None], x, 0.0).astype("float32")
+    y = h.to_numpy(h.run_layer(layer, x_nan, mask=mask, jit=jit)["y"])
+    y_ref = h.to_numpy(h.run_layer(clean, x_zero, mask=mask, jit=jit)["y"])
+    assert np.all(np.isfinite(y[mask])), "NaN leaked into unmasked outputs"
+    h.assert_close(y[mask], y_ref[mask], what="unmasked outputs")
+    for v, v_ref in zip(
+        layer.non_trainable_variables, clean.non_trainable_variables, strict=True
+    ):
+        h.assert_close(v, h.to_numpy(v_ref), what=v.path)
+
+
 def test_mask_of_wrong_rank_raises(rng):
     layer = keras_bn.BatchNormalization()
     x = rng.normal(size=(4, 3, 5)).astype("float32")
@@ -503,12 +535,54 @@ def test_fit_with_final_batch_of_one(
     y = rng.normal(size=(61, 1)).astype("float32")
     model = _model()
     model.compile(optimizer="sgd", loss="mse", jit_compile=jit_compile)
-    with pytest.warns(RuntimeWarning, match=r"keras_bn: layer .* single value"):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
         hist = model.fit(x, y, batch_size=60, epochs=2, verbose=0)
     assert np.all(np.isfinite(hist.history["loss"]))
     for v in model.weights:
         assert np.all(np.isfinite(h.to_numpy(v))), v.path
+    single = [r for r in rec if "single value" in str(r.message)]
+    if h.backend_name() == "tensorflow" and jit_compile:
+        # TensorFlow traces `fit`'s step for an unknown batch size here, and
+        # XLA cannot call back into Python when the batch of one runs.
+        assert not single
+        return
+    assert len(single) == 1  # once, although it happened in both epochs
+    message = str(single[0].message)
+    assert message.startswith("keras_bn: layer '") and "drop_remainder" in message
     assert clear_warned._warned  # the warn-once registry recorded it
+
+
+@pytest.mark.parametrize("n", [60, 61])
+def test_unknown_batch_size_warns_only_when_a_batch_of_one_runs(rng, clear_warned, n):
+    """A `tf.data` pipeline without `drop_remainder`: batch size unknown.
+
+    60 examples in batches of 20 never give a batch of one: no warning. 61 do
+    (the last batch): one warning, naming the layer and the fix, attributed to
+    keras_bn without a source line to echo.
+    """
+    tf = pytest.importorskip("tensorflow")
+    if h.backend_name() != "tensorflow":
+        pytest.skip("unknown batch sizes when tracing are TensorFlow's")
+    x = rng.normal(size=(n, 6)).astype("float32")
+    y = rng.normal(size=(n, 1)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(20)
+    model = _model(name="bn_under_test")
+    model.compile(optimizer="sgd", loss="mse", jit_compile=False)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        model.fit(data, epochs=2, verbose=0)
+    ours = [r for r in rec if "keras_bn" in str(r.message)]
+    if n == 60:
+        assert not ours, [str(r.message) for r in ours]
+        return
+    assert len(ours) == 1, [str(r.message) for r in ours]
+    r = ours[0]
+    assert r.category is RuntimeWarning
+    assert "layer 'bn_under_test'" in str(r.message)
+    assert "drop_remainder=True" in str(r.message)
+    text = warnings.formatwarning(r.message, r.category, r.filename, r.lineno)
+    assert text.count("\n") == 1, text  # one line: no source line echoed
 
 
 @pytest.mark.parametrize("jit_compile", [True, False])

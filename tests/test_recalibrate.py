@@ -288,7 +288,7 @@ def test_wrongly_shaped_batch_midway(rng):
     before = snapshot(model)
     batches = [x[:20], x[20:], x[:10, :5]]  # the last has 5 features, not 6
     with pytest.raises(ValueError, match=r"5"):
-        recalibrate(model, batches, verbose=0)
+        recalibrate(model, iter(batches), verbose=0)
     assert_unchanged(model, before)
 
 
@@ -425,3 +425,178 @@ def test_infinite_dataset_needs_steps(rng):
         recalibrate(model, data, verbose=0)
     report = recalibrate(model, data, steps=4, verbose=0)
     assert report.layers[0].count == 16
+
+
+# -- data formats: what `predict` accepts, with the same meaning ---------------------
+
+
+def two_input_model():
+    a = keras.Input((3,), name="a")
+    b = keras.Input((2,), name="b")
+    h = keras.layers.Concatenate()([a, b])
+    return keras.Model([a, b], keras_bn.BatchNormalization(name="bn")(h))
+
+
+def one_input_model():
+    inp = keras.Input((4,))
+    return keras.Model(inp, keras_bn.BatchNormalization(name="bn")(inp))
+
+
+def assert_bn_stats(model, h):
+    mean, var = h.mean(0), h.var(0)
+    assert_stats(model.get_layer("bn"), mean, var)
+
+
+def tf_data(*arrays):
+    tf = pytest.importorskip("tensorflow")
+    return tf.data.Dataset.from_tensor_slices(arrays if len(arrays) > 1 else arrays[0])
+
+
+@pytest.mark.parametrize(
+    "form", ["x", "(x,)", "(x, y)", "(x, y, sample_weight)", "tensor", "(x, None)"]
+)
+def test_single_input_forms_use_only_x(rng, form):
+    """`(x, y)` as `fit` takes it: `y` used to enter the statistics as a batch."""
+    x = rng.normal(2.0, 3.0, (70, 4)).astype("float32")
+    y = rng.normal(-50.0, 1.0, (70, 4)).astype("float32")  # label-like rows
+    sw = np.ones(70, "float32")
+    data = {
+        "x": x,
+        "(x,)": (x,),
+        "(x, y)": (x, y),
+        "(x, y, sample_weight)": (x, y, sw),
+        "tensor": keras.ops.convert_to_tensor(x),
+        "(x, None)": (x, None),
+    }[form]
+    model = one_input_model()
+    report = recalibrate(model, data, batch_size=32, verbose=0)
+    assert report.layers[0].count == 70
+    assert_bn_stats(model, x.astype(np.float64))
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "list",
+        "dict",
+        "(list, y)",
+        "(dict, y)",
+        "dataset dict",
+        "dataset (list, y)",
+        "generator (dict, y)",
+        "pydataset list",
+    ],
+)
+def test_multi_input_forms(rng, form):
+    xa = rng.normal(1.0, 2.0, (50, 3)).astype("float32")
+    xb = rng.normal(-3.0, 0.5, (50, 2)).astype("float32")
+    y = rng.normal(size=(50, 1)).astype("float32")
+
+    class Inputs(keras.utils.PyDataset):
+        # As in `fit` and `predict`, a batch that is a list or tuple of two
+        # arrays is `(x, y)`: the two inputs are nested, `([xa, xb],)`.
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            s = slice(20 * i, 20 * (i + 1))
+            return ([xa[s], xb[s]],)
+
+    def generator():
+        for i in range(0, 50, 16):
+            yield {"a": xa[i : i + 16], "b": xb[i : i + 16]}, y[i : i + 16]
+
+    if form.startswith("dataset"):
+        data = (
+            tf_data({"a": xa, "b": xb}).batch(16)
+            if form == "dataset dict"
+            else tf_data((xa, xb), y).batch(16)
+        )
+    else:
+        data = {
+            "list": [xa, xb],
+            "dict": {"a": xa, "b": xb},
+            "(list, y)": ([xa, xb], y),
+            "(dict, y)": ({"b": xb, "a": xa}, y),
+            "generator (dict, y)": generator(),
+            "pydataset list": Inputs(),
+        }[form]
+    model = two_input_model()
+    recalibrate(model, data, batch_size=16, verbose=0)
+    assert_bn_stats(model, np.concatenate([xa, xb], axis=1).astype(np.float64))
+
+
+@pytest.mark.parametrize("kind", ["dataset", "generator"])
+def test_batches_of_x_only(rng, kind):
+    x = rng.normal(2.0, 3.0, (70, 4)).astype("float32")
+    data = (
+        tf_data(x).batch(32)
+        if kind == "dataset"
+        else (x[i : i + 32] for i in range(0, 70, 32))
+    )
+    model = one_input_model()
+    recalibrate(model, data, verbose=0)
+    assert_bn_stats(model, x.astype(np.float64))
+
+
+@pytest.mark.parametrize(
+    "inputs,make,match",
+    [
+        (
+            2,
+            lambda xa, xb, x: (xa, xb),
+            r"tuple of 2 elements, read as `\(x, y\)`.*model '.*' has 2 inputs.*"
+            r"Pass the inputs as a list",
+        ),
+        (
+            1,
+            lambda xa, xb, x: (x, x[:10]),
+            r"its `y` has \[10\] rows where `x` has 40, so it cannot be one.*"
+            r"pass them as a list",
+        ),
+        (
+            1,
+            lambda xa, xb, x: (x, x, x, x),
+            r"tuple.*has 4 elements.*Pass the inputs .* as a list",
+        ),
+        (
+            1,
+            lambda xa, xb, x: [x, x],
+            r"list of 2 arrays.*model '.*' has 1 input.*generator",
+        ),
+        (
+            1,
+            lambda xa, xb, x: {"a": x, "b": "text"},
+            r"dict: it must map the model's input names to arrays",
+        ),
+        (
+            2,
+            lambda xa, xb, x: [xa, xb[:5]],
+            r"different numbers of rows.*\[40, 5\]",
+        ),
+    ],
+    ids=[
+        "tuple-for-two-inputs",
+        "y-rows",
+        "long-tuple",
+        "list-one-input",
+        "dict-values",
+        "rows",
+    ],
+)
+def test_ambiguous_forms_are_refused(rng, inputs, make, match):
+    xa = rng.normal(size=(40, 3)).astype("float32")
+    xb = rng.normal(size=(40, 2)).astype("float32")
+    x = rng.normal(size=(40, 4)).astype("float32")
+    data = make(xa, xb, x)
+    model = two_input_model() if inputs == 2 else one_input_model()
+    before = snapshot(model)
+    with pytest.raises((ValueError, TypeError), match=match):
+        recalibrate(model, data, verbose=0)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_batch_size_is_checked(rng, bad):
+    with pytest.raises((ValueError, TypeError), match=r"batch_size"):
+        recalibrate(one_input_model(), np.ones((4, 4), "float32"), batch_size=bad)

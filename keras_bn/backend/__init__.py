@@ -15,6 +15,8 @@ re-exported here; everything else in keras_bn is backend-neutral
 * `reduce_sum(v, axes)`: the sum over `axes` with `keepdims=True`, in the
   form the backend's compiler runs fastest and sums accurately (all the
   kernel's sums go through it).
+* `warn_if(flag, warn)`: calls the Python function `warn()` when the
+  boolean tensor `flag` is true, at run time where the step is traced.
 * `is_traced(x)`: inside `tf.function`/`jax.jit` (as in `fit`), not eager.
 * `cross_replica_sum()`: a function summing a tensor over the replicas of the
   current distribution strategy, or None with a single replica.
@@ -38,6 +40,7 @@ API = (
     "kernel_train",
     "fused_train",
     "reduce_sum",
+    "warn_if",
     "is_traced",
     "cross_replica_sum",
     "assert_divisible",

@@ -74,6 +74,15 @@ def reduce_sum(v, axes):
     return jnp.sum(v, axis=tuple(axes), keepdims=True)
 
 
+def warn_if(flag, warn) -> None:
+    """Calls `warn()` (Python) when the boolean array `flag` is true, at run time."""
+    if not isinstance(flag, jax.core.Tracer):
+        if bool(flag):
+            warn()
+        return
+    jax.lax.cond(flag, lambda: jax.debug.callback(warn), lambda: None)
+
+
 def is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 

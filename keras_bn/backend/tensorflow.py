@@ -430,6 +430,33 @@ def _barrier(v):
 
 
 @_plain_python
+def warn_if(flag, warn) -> None:
+    """Calls `warn()` (Python) when the boolean tensor `flag` is true.
+
+    Eagerly `flag` is a value; in a graph a `tf.py_function` runs `warn` at
+    run time, so that the warning reports a batch that happened, not one that
+    might. XLA cannot compile a call into Python, so under `jit_compile=True`
+    nothing is reported.
+    """
+    if tf.executing_eagerly():
+        if bool(flag):
+            warn()
+        return
+    if in_xla_context():
+        return
+
+    def report():
+        warn()
+        return tf.constant(0)
+
+    tf.cond(
+        flag,
+        lambda: tf.py_function(report, [], tf.int32),
+        lambda: tf.constant(0),
+    )
+
+
+@_plain_python
 def is_traced(x) -> bool:
     return not tf.executing_eagerly()
 

@@ -175,7 +175,12 @@ def _swap(model, to_keras_bn: bool):
 def _from_config(model, to_keras_bn: bool):
     """The copy rebuilt by the model's own class, weights copied in order."""
     config = _rewrite(keras.saving.serialize_keras_object(model), to_keras_bn)
-    with _constructing_with(BatchNormalization if to_keras_bn else _KERAS_BN):
+    with (
+        _constructing_with(BatchNormalization if to_keras_bn else _KERAS_BN),
+        warnings.catch_warnings(),
+    ):
+        # The copy is not compiled (as with clone_model): not news to the user.
+        warnings.filterwarnings("ignore", message=r"`compile\(\)` was not called")
         copy = keras.saving.deserialize_keras_object(config)
     if not isinstance(copy, type(model)) or not copy.built:
         raise TypeError(f"the config rebuilds a {type(copy).__name__}")

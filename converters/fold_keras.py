@@ -5,6 +5,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_bn import _keras_graph
+from keras_bn._keras_graph import Graph as _Graph
+
 from .affine import ChannelAffine
 from .fold_math import bn_scale_shift, fold_weights
 from .report import (
@@ -15,8 +18,6 @@ from .report import (
     FoldRecord,
     FoldReport,
 )
-from keras_bn import _keras_graph
-from keras_bn._keras_graph import Graph as _Graph
 
 L = keras.layers
 _DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
@@ -247,7 +248,9 @@ def _fold_inside(layer, prefix: str, cache: dict) -> list:
             ):
                 records.extend(sub.records)
                 continue
-            reason = f"inside {child.name!r}, which {layer.name!r} holds in no attribute"
+            reason = (
+                f"inside {child.name!r}, which {layer.name!r} holds in no attribute"
+            )
             records.extend(
                 FoldRecord(r.name, UNCHANGED, None, reason) for r in sub.records
             )

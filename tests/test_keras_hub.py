@@ -113,5 +113,9 @@ def test_fold(replaced):
     folded, report = fold_batchnorm(model)
     assert report.num_folded + report.num_kept == total
     assert report.num_unchanged == 0, report
-    assert not [la for la in sublayers(folded) if isinstance(la, keras.layers.BatchNormalization)]
+    assert not [
+        la
+        for la in sublayers(folded)
+        if isinstance(la, keras.layers.BatchNormalization)
+    ]
     assert rel(folded(x, training=False), model(x, training=False)) <= RTOL

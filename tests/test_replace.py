@@ -225,7 +225,9 @@ def test_bn_held_by_custom_layer_is_swapped(rng, how, captured):
     holder = new.get_layer("holder")
     # The tracker holds the new layers only, in the old order: weights line up
     # one to one with the original's (a checkpoint still maps).
-    assert not [la for la in sublayers(holder) if type(la) is keras.layers.BatchNormalization]
+    assert not [
+        la for la in sublayers(holder) if type(la) is keras.layers.BatchNormalization
+    ]
     assert [w.name for w in new.weights] == [w.name for w in model.weights]
     for a, b in zip(model.weights, new.weights, strict=True):
         assert a.shape == b.shape
@@ -253,10 +255,20 @@ def test_bn_that_cannot_be_swapped_is_reported(rng):
 
 def test_registered_functional_subclass_keeps_its_class(rng):
     """The config route: a registered Functional subclass stays itself."""
-    new, report = keras_bn.replace_batchnorm(_TinyBackbone(), return_report=True)
-    assert report.route == "config" and report.swapped == 3
+    model = _TinyBackbone()
+    _randomize_bns(model, rng)
+    new, report = keras_bn.replace_batchnorm(model, return_report=True)
+    assert report.route == "config" and report.swapped == 4 == len(_bn_layers(model))
     assert type(new) is _TinyBackbone and new.width == 4
     assert set(new.pyramid) == {"P1"}
+    assert type(new.spare) is keras_bn.BatchNormalization
+    assert [(w.name, w.shape) for w in new.weights] == [
+        (w.name, w.shape) for w in model.weights
+    ]
+    for a, b in zip(model.weights, new.weights, strict=True):
+        np.testing.assert_array_equal(h.to_numpy(a), h.to_numpy(b))
+    x = rng.normal(size=(3, 6, 6, 2)).astype("float32")
+    h.assert_close(new(x), h.to_numpy(model(x)), what="inference")
 
 
 @keras.saving.register_keras_serializable(package="keras_bn_tests")
@@ -271,6 +283,10 @@ class _TinyBackbone(keras.Model):
         super().__init__(inp, out, **kwargs)
         self.width = width
         self.pyramid = {"P1": p1}
+        # Held but not on the graph (BASNet holds its encoder's unused stem):
+        # cloning the graph would lose it, and its weights.
+        self.spare = keras.layers.BatchNormalization()
+        self.spare.build((None, width))
 
     def get_config(self):
         return {"width": self.width, "name": self.name}

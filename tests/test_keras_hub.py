@@ -37,7 +37,7 @@ FAST = {
     "hub_mobilenet": "config",  # BNs in custom blocks
     "hub_mobilenet_v5": "config",
     "hub_hgnetv2": "config",
-    "hub_efficientnet": "clone",
+    "hub_efficientnet_small_head": "clone",
     "hub_retinanet": "config",  # FPN layer holding BNs in lists
     "hub_deeplab_v3": "config",  # SpatialPyramidPooling holds Sequentials
 }

@@ -92,7 +92,7 @@ def mobilenet_v5():
     )
 
 
-def efficientnet():
+def efficientnet(num_features=1280):
     return _hub().EfficientNetBackbone(
         stackwise_kernel_sizes=[3, 3, 3],
         stackwise_num_repeats=[1, 1, 1],
@@ -106,9 +106,15 @@ def efficientnet():
         stackwise_nores_option=[False] * 3,
         width_coefficient=1.0,
         depth_coefficient=1.0,
-        num_features=32,
+        num_features=num_features,
         input_shape=(32, 32, 3),
     )
+
+
+def efficientnet_small_head():
+    """`num_features` is not in EfficientNetBackbone's config (keras_hub 0.32):
+    with a non-default value the config does not rebuild the model."""
+    return efficientnet(num_features=32)
 
 
 def hgnetv2():
@@ -202,6 +208,7 @@ HUB = {
     "hub_mobilenet": (mobilenet, (32, 32, 3)),
     "hub_mobilenet_v5": (mobilenet_v5, (32, 32, 3)),
     "hub_efficientnet": (efficientnet, (32, 32, 3)),
+    "hub_efficientnet_small_head": (efficientnet_small_head, (32, 32, 3)),
     "hub_hgnetv2": (hgnetv2, (32, 32, 3)),
     "hub_cspnet": (cspnet, (32, 32, 3)),
     "hub_densenet": (densenet, (32, 32, 3)),

@@ -131,9 +131,14 @@ def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
             ),
             keras.tree.map_structure(keras.ops.convert_to_numpy, out),
         )
-        ours.compile(
-            optimizer=keras.optimizers.SGD(FIT_LR), loss="mse", jit_compile=True
-        )
+        if hasattr(ours, "backbone") and hasattr(ours, "num_classes"):
+            # A keras_hub classifier: class labels, its own loss and metrics.
+            y = rng.integers(0, ours.num_classes, size=FIT_BATCH)
+            ours.compile(optimizer=keras.optimizers.SGD(FIT_LR), jit_compile=True)
+        else:
+            ours.compile(
+                optimizer=keras.optimizers.SGD(FIT_LR), loss="mse", jit_compile=True
+            )
         before = [np.array(v) for v in ours.non_trainable_weights]
         loss = ours.fit(xs, y, batch_size=FIT_BATCH, epochs=1, verbose=0).history[
             "loss"

@@ -137,7 +137,7 @@ def _constructing_with(cls):
         keras.layers.BatchNormalization = saved
 
 
-def _swap(model, to_keras_bn: bool):
+def _swap(model, to_keras_bn: bool, warn: bool = True):
     if not isinstance(model, keras.Model) or not _keras_graph.is_graph_model(model):
         raise TypeError(
             "Argument `model` must be a Sequential or Functional keras.Model "
@@ -162,7 +162,7 @@ def _swap(model, to_keras_bn: bool):
     report.swapped = sum(
         type(la) is target for la in _keras_graph.sublayers(copy)
     ) - sum(type(la) is target for la in _keras_graph.sublayers(model))
-    if report.kept:
+    if report.kept and warn:
         listed = "; ".join(f"{path}: {why}" for path, why in report.kept)
         warnings.warn(
             f"{len(report.kept)} BatchNormalization layer(s) of {model.name!r} "
@@ -232,6 +232,19 @@ def _clone(model, to_keras_bn: bool):
 
 def _swap_held(model, to_keras_bn: bool, report: ReplaceReport) -> None:
     """Swaps the source BNs left in `model` (built, weights set) in place."""
+    # A Sequential or Functional model held by a custom layer: swap its copy.
+    owners = _keras_graph.holders(model)
+    for layer in _keras_graph.sublayers(model):
+        parents = owners[id(layer)]
+        if (
+            _keras_graph.is_graph_model(layer)
+            and parents
+            and not any(_keras_graph.is_graph_model(p) for p in parents)
+            and any(_source(la, to_keras_bn) for la in _keras_graph.sublayers(layer))
+        ):
+            new = _swap(layer, to_keras_bn, warn=False)[0]
+            for p in parents:
+                _keras_graph.replace_sublayer(p, layer, new)
     graph_ops = set()
     for layer in [model, *_keras_graph.sublayers(model)]:
         if _keras_graph.is_graph_model(layer):

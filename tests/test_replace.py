@@ -180,6 +180,8 @@ class _Holder(keras.layers.Layer):
             self.bns = {"a": bn(), "b": bn(center=False)}
         elif how == "nested":
             self.bns = {"pair": (bn(), [bn(), {"deep": bn(scale=False)}])}
+        elif how == "sequential":  # a graph model held as an attribute
+            self.bns = [keras.Sequential([keras.Input((3,)), bn(), bn()])]
         elif how == "set":  # tracked by Keras, but no slot to write back into
             self.bns = {bn()}
 
@@ -202,7 +204,7 @@ class _Holder(keras.layers.Layer):
         return {**super().get_config(), "how": self.how, "captured": self.captured}
 
 
-HOW = ["attribute", "list", "dict", "nested"]
+HOW = ["attribute", "list", "dict", "nested", "sequential"]
 
 
 def _holder_model(how, captured=True):

@@ -29,9 +29,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/codespell
 
-# The keras.applications conformance zoo (slow: about an hour on 2 cores).
+# The conformance zoo: keras.applications and keras_hub models (slow: about an
+# hour on 2 cores). `make zoo BACKEND=jax` runs it on another backend.
+BACKEND ?= tensorflow
 zoo: $(STAMP)
-	KERAS_BACKEND=tensorflow $(PY) -m pytest -q -m zoo tests/zoo
+	KERAS_BACKEND=$(BACKEND) $(PY) -m pytest -q -m zoo tests/zoo
 
 # Rewrites docs/zoo.md (runs the zoo once more, with timings).
 zoo-table: $(STAMP)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from converters.affine import ChannelAffine
-from converters.fold_math import bn_scale_shift, fold_weights
-from converters.report import (
+from keras_bn import _keras_graph
+from keras_bn._keras_graph import Graph as _Graph
+
+from .affine import ChannelAffine
+from .fold_math import bn_scale_shift, fold_weights
+from .report import (
     FOLDED_FOLLOWING,
     FOLDED_PRECEDING,
     KEPT,
@@ -15,8 +18,6 @@ from converters.report import (
     FoldRecord,
     FoldReport,
 )
-from keras_bn import _keras_graph
-from keras_bn._keras_graph import Graph as _Graph
 
 L = keras.layers
 _DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
@@ -140,6 +141,7 @@ def _fold_model(model, prefix: str, cache: dict):
     state = {}  # id(layer) -> {weight name: np.ndarray}
     replacement = {}  # id(old operation) -> new operation, or None (identity)
     assign = []  # (new layer, {weight name: value})
+    inside = []  # (layer, its copy) holding batch normalizations
 
     def weights_of(layer):
         if id(layer) not in state:
@@ -194,20 +196,14 @@ def _fold_model(model, prefix: str, cache: dict):
             assign.append((new, values))
             replacement[id(op)] = new
         elif isinstance(op, keras.layers.Layer):
-            for bn in _hidden_bns(op):
-                reason = (
-                    f"inside {type(op).__name__} {op.name!r}, whose call "
-                    "fold_batchnorm cannot rewrite"
-                )
-                report.records.append(
-                    FoldRecord(f"{prefix}{op.name}/{bn.name}", UNCHANGED, None, reason)
-                )
             if id(op) in state:
                 new = _clone(op, use_bias=True)
                 assign.append((new, state[id(op)]))
             else:
                 new = _clone(op)
                 assign.append((new, op))
+            if _hidden_bns(op):
+                inside.append((op, new))
             replacement[id(op)] = new
         else:  # a stateless keras.ops operation
             replacement[id(op)] = op
@@ -219,7 +215,80 @@ def _fold_model(model, prefix: str, cache: dict):
             continue
         for v in new.weights:
             v.assign(np.asarray(values[v.name]).astype(v.dtype))
+    for op, new in inside:
+        report.records.extend(_fold_inside(new, f"{prefix}{op.name}/", cache))
     return new_model, report
+
+
+def _fold_inside(layer, prefix: str, cache: dict) -> list:
+    """Folds the batch normalizations held by a custom layer's copy in place.
+
+    The layer's `call` cannot be rewritten, but what it holds can be swapped:
+    a Sequential or Functional sublayer is replaced by its folded copy, and a
+    batch normalization held directly by a ChannelAffine with its scale and
+    shift. A batch normalization the layer holds in no attribute, list or
+    dict is left unchanged and reported.
+    """
+    records = []
+    owners = _keras_graph.holders(layer)
+    done = set()
+    for child in _keras_graph.sublayers(layer):
+        if id(child) in done:
+            continue
+        if isinstance(child, keras.Model) and _keras_graph.is_graph_model(child):
+            done.update(map(id, _keras_graph.sublayers(child)))
+            if not _hidden_bns(child):
+                continue
+            if id(child) not in cache:
+                cache[id(child)] = _fold_model(child, f"{prefix}{child.name}/", cache)
+            folded, sub = cache[id(child)]
+            if all(
+                _keras_graph.replace_sublayer(p, child, folded)
+                for p in owners[id(child)]
+            ):
+                records.extend(sub.records)
+                continue
+            reason = (
+                f"inside {child.name!r}, which {layer.name!r} holds in no attribute"
+            )
+            records.extend(
+                FoldRecord(r.name, UNCHANGED, None, reason) for r in sub.records
+            )
+        elif isinstance(child, L.BatchNormalization):
+            affine = ChannelAffine(
+                axis=child.axis, name=child.name, dtype=child.dtype_policy
+            )
+            affine.build_from_config(child.get_build_config())
+            scale, shift = bn_scale_shift(**_bn_stats(child))
+            affine.scale.assign(scale.astype(affine.scale.dtype))
+            affine.shift.assign(shift.astype(affine.shift.dtype))
+            path = prefix + child.name
+            if all(
+                _keras_graph.replace_sublayer(p, child, affine)
+                for p in owners[id(child)]
+            ):
+                reason = (
+                    f"held by {type(layer).__name__} {layer.name!r}, whose call "
+                    "cannot be rewritten: one multiply-add per channel"
+                )
+                records.append(FoldRecord(path, KEPT, None, reason))
+            else:
+                reason = (
+                    f"held by {type(layer).__name__} {layer.name!r} in no "
+                    "attribute, list or dict that can be rewritten"
+                )
+                records.append(FoldRecord(path, UNCHANGED, None, reason))
+    return records
+
+
+def _unused_bns(model) -> list:
+    """Batch normalizations `model` tracks that no graph operation uses."""
+    used = set()
+    for op in _keras_graph.graph_operations(model):
+        if isinstance(op, keras.layers.Layer):
+            used.add(id(op))
+            used.update(map(id, _keras_graph.sublayers(op)))
+    return [bn for bn in _hidden_bns(model) if id(bn) not in used]
 
 
 def _hidden_bns(layer) -> list:
@@ -283,6 +352,12 @@ def fold_batchnorm(model: keras.Model) -> tuple[keras.Model, FoldReport]:
        normalization's output feeds only it;
     3. otherwise replaced by a `ChannelAffine` layer (one multiply and add).
 
+    Inside a custom layer (whose `call` cannot be rewritten) the batch
+    normalizations its copy holds as attributes (directly or in lists and
+    dicts) become `ChannelAffine` layers, and a Sequential or Functional model
+    it holds is folded as above. A batch normalization the model tracks but
+    never uses is dropped and reported as left unchanged.
+
     Works on Sequential and Functional models, nested models (folded
     recursively), shared layers and multi-input/multi-output graphs.
 
@@ -315,4 +390,8 @@ def fold_batchnorm(model: keras.Model) -> tuple[keras.Model, FoldReport]:
             "(keras.Model(inputs, outputs)), or fold its weights yourself with "
             "converters.fold_weights."
         )
-    return _fold_model(model, "", {})
+    folded, report = _fold_model(model, "", {})
+    for bn in _unused_bns(model):
+        reason = "tracked by the model but used by none of its layers: dropped"
+        report.records.append(FoldRecord(bn.name, UNCHANGED, None, reason))
+    return folded, report

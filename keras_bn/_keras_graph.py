@@ -1,10 +1,11 @@
 """Every use of Keras's private API in keras-bn, in one place.
 
 Keras 3 has no public way to walk a Functional graph node by node, to read a
-model's nested input structure, or to list a layer's sublayers. The folding
-and replacing code needs all three, so they live here: a Keras upgrade that
-renames `_nodes_by_depth`, `_inbound_nodes`, `_keras_history`,
-`_inputs_struct` or `_flatten_layers` touches this file only. (The one
+model's nested input structure, to list a layer's sublayers, or to put one
+sublayer in the place of another. The folding and replacing code needs all
+four, so they live here: a Keras upgrade that renames `_nodes_by_depth`,
+`_inbound_nodes`, `_keras_history`, `_inputs_struct`, `_flatten_layers`,
+`_layers` or `_tracker` touches this file only. (The one
 other private name the package reads is the JAX trainer's `_jax_state`, in
 `keras_bn/backend/jax.py`, where backend code belongs.)
 """
@@ -46,6 +47,78 @@ def pack_inputs(model, flat: list):
 def sublayers(layer) -> list:
     """Every layer tracked inside `layer` (recursively), `layer` excluded."""
     return list(layer._flatten_layers(include_self=False, recursive=True))
+
+
+def graph_operations(model) -> list:
+    """The operations (layers, `keras.ops` ops) of a graph model's graph."""
+    graph = model._functional if isinstance(model, keras.Sequential) else model
+    if graph is None:
+        return list(model.layers)
+    return list(graph.operations)
+
+
+def holders(model) -> dict:
+    """`id(layer)` -> the layers (`model` included) tracking it directly."""
+    owners = collections.defaultdict(list)
+    for parent in [model, *sublayers(model)]:
+        for child in parent._layers:
+            owners[id(child)].append(parent)
+    return owners
+
+
+def replace_sublayer(parent, old, new) -> list[str]:
+    """Puts `new` wherever `parent` holds `old`; returns the attribute paths.
+
+    Looks through `parent`'s attributes, directly and inside (nested) lists,
+    tuples and dicts, and replaces `old` by `new` at `old`'s position in
+    `parent`'s layer tracker, so that `parent.weights` keeps its order and
+    length. Nothing is changed (and `[]` returned) if no attribute holds
+    `old` (it is then reachable only in a way this cannot rewrite).
+    """
+    store = parent._layers
+    found = []
+    for name, value in list(vars(parent).items()):
+        if value is store or name in ("_tracker", "_inbound_nodes", "_outbound_nodes"):
+            continue
+        new_value, paths = _substitute(value, old, new, name)
+        if paths:
+            found.extend(paths)
+            if new_value is not value:
+                object.__setattr__(parent, name, new_value)
+    if found:
+        parent._tracker.replace_tracked_value("layers", old, new)
+    return found
+
+
+def _substitute(value, old, new, path):
+    """(value with `old` replaced by `new`, the paths where it was found)."""
+    if value is old:
+        return new, [path]
+    if isinstance(value, keras.layers.Layer) or not isinstance(
+        value, (list, tuple, dict)
+    ):
+        return value, []
+    found = []
+    if isinstance(value, dict):
+        for key, item in list(value.items()):
+            item2, paths = _substitute(item, old, new, f"{path}[{key!r}]")
+            if paths:
+                found.extend(paths)
+                dict.__setitem__(value, key, item2)  # no re-tracking
+        return value, found
+    items = list(value)
+    for i, item in enumerate(items):
+        item2, paths = _substitute(item, old, new, f"{path}[{i}]")
+        if paths:
+            found.extend(paths)
+            items[i] = item2
+            if isinstance(value, list):
+                list.__setitem__(value, i, item2)  # no re-tracking
+    if found and isinstance(value, tuple):
+        if hasattr(value, "_fields"):  # a named tuple
+            return type(value)(*items), found
+        return type(value)(items), found
+    return value, found
 
 
 class Graph:

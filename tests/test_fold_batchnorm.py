@@ -302,12 +302,19 @@ def test_ops_nodes_in_the_graph(rng):
 
 
 class _Holder(L.Layer):
+    """A custom layer holding a BN, a Dense->BN Sequential, and a BN in a set."""
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.bn = L.BatchNormalization()
+        self.blocks = [keras.Sequential([L.Dense(6), L.BatchNormalization()])]
+        self.odd = {L.BatchNormalization()}  # no slot to write back into
 
     def call(self, x, training=None):
-        return self.bn(x, training=training)
+        x = self.blocks[0](self.bn(x, training=training), training=training)
+        for layer in self.odd:
+            x = layer(x, training=training)
+        return x
 
 
 def test_wrappers_folded_or_reported(rng):
@@ -317,10 +324,13 @@ def test_wrappers_folded_or_reported(rng):
     x = L.TimeDistributed(inner, name="td_seq")(x)
     x = _Holder(name="holder")(x)
     model = keras.Model(inp, L.Bidirectional(L.LSTM(2))(x))
+    holder = model.get_layer("holder")
     bns = (
         model.get_layer("td_bn").layer,
         inner.layers[-1],
-        model.get_layer("holder").bn,
+        holder.bn,
+        holder.blocks[0].layers[-1],
+        *holder.odd,
     )
     for layer in bns:
         c = layer.moving_mean.shape[0]
@@ -337,7 +347,41 @@ def test_wrappers_folded_or_reported(rng):
     assert "TimeDistributed" in records["td_bn/bn"].reason
     (seq_bn,) = [r for n, r in records.items() if n.startswith("td_seq/")]
     assert seq_bn.action == "folded_into_preceding"
-    (held,) = [r for n, r in records.items() if n.startswith("holder/")]
-    assert held.action == "left_unchanged" and "_Holder" in held.reason
+    # Inside the custom layer: the BN it holds becomes a ChannelAffine, the
+    # Sequential it holds is folded, the BN in a set is left and reported.
+    held = {r.action: r for n, r in records.items() if n.startswith("holder/")}
+    assert set(held) == {
+        "kept_as_scale_shift",
+        "folded_into_preceding",
+        "left_unchanged",
+    }
+    assert "_Holder" in held["kept_as_scale_shift"].reason
+    assert "no attribute" in held["left_unchanged"].reason
     assert report.num_unchanged == 1 and "1 left unchanged" in str(report)
+    assert len(report.records) == len(bns)
     assert isinstance(folded.get_layer("td_bn").layer, ChannelAffine)
+    new_holder = folded.get_layer("holder")
+    assert isinstance(new_holder.bn, ChannelAffine)
+    assert [type(la).__name__ for la in new_holder.blocks[0].layers] == ["Dense"]
+    assert new_holder.bn in new_holder._layers and holder.bn not in new_holder._layers
+
+
+def test_bn_tracked_but_unused_is_reported(rng):
+    """BASNet's case: its encoder's stem BN is held but not on the graph."""
+    encoder = keras.Sequential(
+        [keras.Input((5,)), L.Dense(4), L.BatchNormalization(name="stem_bn")]
+    )
+
+    class WithSpare(keras.Model):
+        def __init__(self):
+            inp = keras.Input((5,))
+            out = L.BatchNormalization()(L.Dense(3)(inp))
+            super().__init__(inp, out)
+            self.encoder = encoder  # tracked, never called by the graph
+
+    model = WithSpare()
+    folded, report = fold_batchnorm(model)
+    assert report.num_folded == 1 and report.num_unchanged == 1
+    assert report.by_name()["stem_bn"].reason.endswith("dropped")
+    x = rng.normal(size=(2, 5)).astype("float32")
+    assert _rel_err(folded(x), model(x)) <= RTOL

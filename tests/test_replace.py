@@ -158,22 +158,140 @@ def test_input_model_weights_untouched(rng, kind):
         np.testing.assert_array_equal(a, b)
 
 
+# The class captured once, as `from keras.layers import BatchNormalization`
+# at import does: building the layer again cannot make keras_bn's, so these
+# BNs are swapped in place, in the built copy.
+_CAPTURED_BN = keras.layers.BatchNormalization
+
+
 class _Holder(keras.layers.Layer):
-    def __init__(self, **kwargs):
+    """BNs held every way a custom layer can hold them, around a Dense."""
+
+    def __init__(self, how="attribute", captured=True, **kwargs):
         super().__init__(**kwargs)
-        self.bn = keras.layers.BatchNormalization()
+        self.how, self.captured = how, captured
+        self.dense = keras.layers.Dense(3)
+        bn = _CAPTURED_BN if captured else keras.layers.BatchNormalization
+        if how == "attribute":
+            self.bn = bn()
+        elif how == "list":
+            self.bns = [bn(), bn(epsilon=1e-2)]
+        elif how == "dict":
+            self.bns = {"a": bn(), "b": bn(center=False)}
+        elif how == "nested":
+            self.bns = {"pair": (bn(), [bn(), {"deep": bn(scale=False)}])}
+        elif how == "sequential":  # a graph model held as an attribute
+            self.bns = [keras.Sequential([keras.Input((3,)), bn(), bn()])]
+        elif how == "set":  # tracked by Keras, but no slot to write back into
+            self.bns = {bn()}
+
+    def _all(self):
+        return [
+            la
+            for la in keras.tree.flatten(
+                {k: v for k, v in vars(self).items() if k in ("bn", "bns")}
+            )
+        ] or list(getattr(self, "bns", ()))
 
     def call(self, x, training=None):
-        return self.bn(x, training=training)
+        x = self.dense(x)
+        held = list(self.bns) if self.how == "set" else self._all()
+        for layer in held:
+            x = layer(x, training=training)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "how": self.how, "captured": self.captured}
 
 
-def test_bn_inside_custom_layer_is_reported_not_skipped(rng):
+HOW = ["attribute", "list", "dict", "nested", "sequential"]
+
+
+def _holder_model(how, captured=True):
     inp = keras.Input((3,))
-    model = keras.Model(inp, _Holder(name="holder")(inp))
-    with pytest.warns(UserWarning, match=r"'holder'.*cannot be replaced"):
-        new = keras_bn.replace_batchnorm(model)
+    x = _Holder(how, captured, name="holder")(inp)
+    return keras.Model(inp, keras.layers.Dense(2)(x))
+
+
+@pytest.mark.parametrize("captured", [True, False], ids=["in_place", "rebuilt"])
+@pytest.mark.parametrize("how", HOW)
+def test_bn_held_by_custom_layer_is_swapped(rng, how, captured):
+    model = _holder_model(how, captured)
+    _randomize_bns(model, rng)
+    n = len(_bn_layers(model))
+    new, report = keras_bn.replace_batchnorm(model, return_report=True)
+    # The class is not registered: the copy is cloned layer by layer.
+    assert report.route == "clone" and report.swapped == n and not report.kept
+    bns = _bn_layers(new)
+    assert len(bns) == n and all(type(la) is keras_bn.BatchNormalization for la in bns)
+    holder = new.get_layer("holder")
+    # The tracker holds the new layers only, in the old order: weights line up
+    # one to one with the original's (a checkpoint still maps).
+    assert not [
+        la for la in sublayers(holder) if type(la) is keras.layers.BatchNormalization
+    ]
+    assert [w.name for w in new.weights] == [w.name for w in model.weights]
+    for a, b in zip(model.weights, new.weights, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(h.to_numpy(a), h.to_numpy(b))
+    x = rng.normal(size=(5, 3)).astype("float32")
+    h.assert_close(new(x), h.to_numpy(model(x)), what="inference")
+    for step in range(2):
+        h.assert_close(
+            new(x, training=True),
+            h.to_numpy(model(x, training=True)),
+            what=f"training step {step}",
+        )
+    assert [id(la) for la in _bn_layers(model)] != [id(la) for la in bns]
+
+
+def test_bn_that_cannot_be_swapped_is_reported(rng):
+    model = _holder_model("set")
+    _randomize_bns(model, rng)
+    with pytest.warns(UserWarning, match=r"holder/.*held in no attribute"):
+        new, report = keras_bn.replace_batchnorm(model, return_report=True)
+    assert report.swapped == 0 and len(report.kept) == 1
     x = rng.normal(size=(4, 3)).astype("float32")
     h.assert_close(new(x), h.to_numpy(model(x)), what="inference")
+
+
+def test_registered_functional_subclass_keeps_its_class(rng):
+    """The config route: a registered Functional subclass stays itself."""
+    model = _TinyBackbone()
+    _randomize_bns(model, rng)
+    new, report = keras_bn.replace_batchnorm(model, return_report=True)
+    assert report.route == "config" and report.swapped == 4 == len(_bn_layers(model))
+    assert type(new) is _TinyBackbone and new.width == 4
+    assert set(new.pyramid) == {"P1"}
+    assert type(new.spare) is keras_bn.BatchNormalization
+    assert [(w.name, w.shape) for w in new.weights] == [
+        (w.name, w.shape) for w in model.weights
+    ]
+    for a, b in zip(model.weights, new.weights, strict=True):
+        np.testing.assert_array_equal(h.to_numpy(a), h.to_numpy(b))
+    x = rng.normal(size=(3, 6, 6, 2)).astype("float32")
+    h.assert_close(new(x), h.to_numpy(model(x)), what="inference")
+
+
+@keras.saving.register_keras_serializable(package="keras_bn_tests")
+class _TinyBackbone(keras.Model):
+    """Builds its graph in its constructor, like a keras_hub Backbone."""
+
+    def __init__(self, width=4, **kwargs):
+        inp = keras.Input((6, 6, 2))
+        x = keras.layers.Conv2D(width, 3)(inp)
+        p1 = keras.layers.BatchNormalization()(x)
+        out = _Holder("list", captured=False)(keras.layers.Flatten()(p1))
+        super().__init__(inp, out, **kwargs)
+        self.width = width
+        self.pyramid = {"P1": p1}
+        # Held but not on the graph (BASNet holds its encoder's unused stem):
+        # cloning the graph would lose it, and its weights.
+        self.spare = keras.layers.BatchNormalization()
+        self.spare.build((None, width))
+
+    def get_config(self):
+        return {"width": self.width, "name": self.name}
 
 
 @pytest.mark.parametrize("kind", ["wrappers", "nested", "ops_node"])

@@ -14,6 +14,7 @@ def assert_conforms(result: dict) -> None:
     failed = {s: result.get(s) for s in stages if result.get(s) != "ok"}
     assert not failed, (failed, result.get("tracebacks"))
     assert result["replace_parity"] <= RTOL, result
+    assert result["swapped"] == result["bn_layers"], result
     assert result["fold_parity"] <= RTOL, result
     assert result["folded"] + result["kept"] == result["bn_layers"], result
     assert result["cli_inspect"] == 0, result

@@ -3,7 +3,8 @@
 `run(build, shape)` takes a model with Keras's BatchNormalization (random
 weights), randomizes every BN's statistics, then:
 
-1. `keras_bn.replace_batchnorm` -> inference parity with the original;
+1. `keras_bn.replace_batchnorm` -> inference parity with the original, the
+   number of BNs swapped and whether the copy kept the model's class;
 2. one `fit` step under `jit_compile=True` (batch of 8, SGD 1e-4, MSE to
    random targets; finite loss, statistics moved);
 3. `.keras` save and load -> the loaded model computes the same;
@@ -108,9 +109,14 @@ def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
     x = rng.normal(size=(batch, *shape)).astype("float32")
     ref = original(x, training=False)
 
-    ours = _stage(result, "replace", lambda: replace_batchnorm(original))
-    if ours is None:
+    replaced = _stage(
+        result, "replace", lambda: replace_batchnorm(original, return_report=True)
+    )
+    if replaced is None:
         return result
+    ours, report = replaced
+    result["swapped"], result["route"] = report.swapped, report.route
+    result["class_kept"] = type(ours) is type(original)
     result["replace_parity"] = rel(ours(x, training=False), ref)
 
     def fit():
@@ -125,9 +131,14 @@ def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
             ),
             keras.tree.map_structure(keras.ops.convert_to_numpy, out),
         )
-        ours.compile(
-            optimizer=keras.optimizers.SGD(FIT_LR), loss="mse", jit_compile=True
-        )
+        if hasattr(ours, "backbone") and hasattr(ours, "num_classes"):
+            # A keras_hub classifier: class labels, its own loss and metrics.
+            y = rng.integers(0, ours.num_classes, size=FIT_BATCH)
+            ours.compile(optimizer=keras.optimizers.SGD(FIT_LR), jit_compile=True)
+        else:
+            ours.compile(
+                optimizer=keras.optimizers.SGD(FIT_LR), loss="mse", jit_compile=True
+            )
         before = [np.array(v) for v in ours.non_trainable_weights]
         loss = ours.fit(xs, y, batch_size=FIT_BATCH, epochs=1, verbose=0).history[
             "loss"

@@ -1,4 +1,6 @@
-"""Every keras.applications family through the whole pipeline (`make zoo`).
+"""Every keras.applications family, and every keras_hub vision model that uses
+BatchNormalization (tiny configurations), through the whole pipeline
+(`make zoo`).
 
 Deselected by default (marker `zoo`); minutes per model on two CPU cores.
 """
@@ -6,6 +8,7 @@ Deselected by default (marker `zoo`); minutes per model on two CPU cores.
 import pytest
 
 from tests.zoo.checks import assert_conforms
+from tests.zoo.hub_models import HUB
 from tests.zoo.models import APPLICATIONS
 from tests.zoo.pipeline import run
 
@@ -16,3 +19,14 @@ pytestmark = pytest.mark.zoo
 def test_application_conforms(name):
     build, shape = APPLICATIONS[name]
     assert_conforms(run(build, shape))
+
+
+@pytest.mark.parametrize("name", list(HUB))
+def test_keras_hub_conforms(name):
+    pytest.importorskip("keras_hub", reason="keras_hub is not installed")
+    build, shape = HUB[name]
+    result = run(build, shape)
+    assert_conforms(result)
+    # Rebuilt by its own class wherever its config allows (EfficientNet's
+    # config omits `num_features`: the copy is cloned, a plain Functional).
+    assert result["class_kept"] == (name != "hub_efficientnet_small_head"), result

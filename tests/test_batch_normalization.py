@@ -668,7 +668,7 @@ def test_nan_channel_keeps_its_moving_statistics(rng, renorm, jit):
     "shape,axis", [((256, 8), -1), ((16, 4, 4, 3), -1), ((8, 3, 5, 5), 1)]
 )
 def test_large_mean_is_normalized_accurately(rng, shape, axis):
-    """Mean 1e4, std 1 in float32: |y - ref| <= 1e-4 * max|ref| (the documented bound)."""
+    """Mean 1e4, std 1 in float32: |y - ref| <= 1e-4 * max|ref|."""
     layer = keras_bn.BatchNormalization(axis=axis, momentum=0.0, epsilon=EPS)
     layer.build(shape)
     x = rng.normal(1e4, 1.0, shape).astype("float32")

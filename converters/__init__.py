@@ -1,7 +1,8 @@
 """keras-bn converters: fold batch normalization away and export to ONNX.
 
 `fold_weights` is pure NumPy; `fold_batchnorm` works on every Keras backend;
-`export_onnx` needs TensorFlow, tf2onnx, onnx and onnxruntime; `fold_onnx`
+`export_onnx` needs onnx, onnxruntime and the backend's exporter (tf2onnx on
+TensorFlow, jax2onnx on JAX, `torch.onnx` with onnxscript on torch); `fold_onnx`
 needs onnx. Everything is imported on first use, so `import
 keras_bn.converters` (and the `keras-bn` command line) starts fast.
 """

@@ -12,13 +12,15 @@ import importlib
 import importlib.util
 
 EXTRA = "export"
+# The extra that brings each backend's export route (pyproject.toml).
+ROUTE_EXTRAS = {"tensorflow": "export", "jax": "export-jax", "torch": "export-torch"}
 # Import name -> distribution name on PyPI, where they differ.
 _PIP = {"tensorflow": "tensorflow-cpu", "torch": "torch"}
 # Export route per Keras backend: (route name, modules it imports).
 ROUTES = {
     "tensorflow": ("tf2onnx", ("tensorflow", "tf2onnx", "onnx", "onnxruntime")),
     "jax": ("jax2onnx", ("jax", "jax2onnx", "onnx", "onnxruntime")),
-    "torch": ("torch.onnx", ("torch", "onnx", "onnxruntime")),
+    "torch": ("torch.onnx", ("torch", "onnxscript", "onnx", "onnxruntime")),
 }
 
 
@@ -105,7 +107,9 @@ def require_route(backend: str) -> str:
     route, modules = ROUTES[backend]
     absent = missing(modules)
     if absent:
-        raise _missing_error(absent, f"ONNX export on the {backend} backend", EXTRA)
+        raise _missing_error(
+            absent, f"ONNX export on the {backend} backend", ROUTE_EXTRAS[backend]
+        )
     return route
 
 

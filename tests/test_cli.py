@@ -874,8 +874,8 @@ def test_missing_route_dependency_exits_2_naming_the_extra(
         result,
         2,
         f"keras-bn: error: ONNX export on the {BACKEND} backend needs "
-        'no_such_pkg_kbn, which is not installed: pip install "keras-bn[export]" '
-        "(or pip install no_such_pkg_kbn)",
+        f"no_such_pkg_kbn, which is not installed: pip install "
+        f'"keras-bn[{_deps.ROUTE_EXTRAS[BACKEND]}]" (or pip install no_such_pkg_kbn)',
     )
 
 

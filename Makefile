@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[tf-cpu,jax,export,export-jax,tensorboard,examples,dev]"
 	# tf_keras (a benchmark peer) without pulling the full tensorflow package.
 	$(PY) -m pip install -q --no-deps "tf-keras>=2.20"
+	# keras_hub models in the tests, without tensorflow-text (which would pull
+	# the full tensorflow package next to tensorflow-cpu): its other imports.
+	$(PY) -m pip install -q --no-deps "keras-hub==0.32.0"
+	$(PY) -m pip install -q absl-py regex rich packaging tokenizers sentencepiece kagglehub
 	touch $(STAMP)
 
 demo: $(STAMP)

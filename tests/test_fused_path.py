@@ -200,8 +200,8 @@ def _grid(rng, spy, path, rank, axis, compute):
     a = h.run_layer(ours, x, dy, **mode)
     _check_path(spy, path, rank, axis)
     b = h.run_layer(theirs, x, dy, **mode)
-    assert ops.convert_to_tensor(a["y"]).dtype == compute
-    assert ops.convert_to_tensor(a["dx"]).dtype == compute
+    assert h.dtype_of(a["y"]) == compute
+    assert h.dtype_of(a["dx"]) == compute
     # Against the float64 reference on the same (rounded) inputs.
     y_ref, mean, var = h.ref_forward(xr, gamma, beta, axis, EPS)
     dx_ref, dgamma_ref, dbeta_ref = h.ref_backward(xr, gamma, dyr, axis, EPS)

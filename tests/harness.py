@@ -150,6 +150,9 @@ def torch_compile(fn):
     a 2-core CI machine); `test_backend` compiles with Inductor once."""
     import torch
 
+    # A fresh cache: the same code object compiled for many layers would reach
+    # Dynamo's recompilation limit and silently run eagerly.
+    torch._dynamo.reset()
     return torch.compile(fn, backend="aot_eager")
 
 

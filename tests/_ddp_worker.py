@@ -34,7 +34,9 @@ def build(synchronized: bool) -> keras.Model:
         [
             keras.Input((3, 4, 4)),
             keras.layers.Conv2D(4, 3, padding="same", data_format="channels_first"),
-            keras_bn.BatchNormalization(axis=1, momentum=0.5, synchronized=synchronized),
+            keras_bn.BatchNormalization(
+                axis=1, momentum=0.5, synchronized=synchronized
+            ),
             keras.layers.Activation("tanh"),
             keras.layers.Flatten(),
             keras.layers.Dense(5, use_bias=False),

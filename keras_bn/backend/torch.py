@@ -44,8 +44,13 @@ NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # r = 64, 1.8e-6 at r = 256, 9.2e-6 at r = 1000, 1.2e-4 at r = 1e4; at 64 it
 # stays within the 1e-6 * max|y| the tests allow the kernel.
 NATIVE_MAX_MEAN_STD = 64.0
-# Inputs whose channel axis is not the last one take the native op (see the
-# module docstring and bench/bench_layer.py's torch rows).
+# Which layouts take the native op (`native_view`): measured on the project's
+# 2-core CPU (torch 2.14, one training step, medians of 20), the native op
+# took 33 ms on (32, 64, 56, 56) with axis=1 against 143 ms for Keras's BN
+# written in keras.ops, but 92 ms on (32, 56, 56, 64) channels-last (in the
+# channels_last memory format; 131 ms with a permute) against 28 ms, and
+# 6.7 ms on (256, 1024) against 0.9 ms. Channels-first inputs take the op,
+# the others the keras.ops kernel.
 
 
 class KernelTrain(torch.autograd.Function):

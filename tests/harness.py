@@ -143,6 +143,28 @@ def ref_inference(x, mean, var, gamma, beta, axis: int, epsilon: float):
 # -- running layers and functions with gradients ---------------------------------
 
 
+def skip_inductor_fit(jit_compile) -> None:
+    """Skips `fit(jit_compile=True)` on torch unless KERAS_BN_TORCH_INDUCTOR=1.
+
+    Keras's torch trainer compiles the step with Inductor, about 5 minutes per
+    test on a 2-core machine. The compiled layer is tested without it (the
+    `jit=True` paths, `torch_compile`) and with it once, in `test_backend`.
+    """
+    import os
+
+    import pytest
+
+    if (
+        backend_name() == "torch"
+        and jit_compile is True
+        and os.environ.get("KERAS_BN_TORCH_INDUCTOR") != "1"
+    ):
+        pytest.skip(
+            "fit(jit_compile=True) on torch compiles with Inductor (minutes per "
+            "test on 2 cores); set KERAS_BN_TORCH_INDUCTOR=1 to run it"
+        )
+
+
 def torch_compile(fn):
     """`torch.compile` as the tests use it: Dynamo and AOTAutograd trace the
     forward and backward passes as `jit_compile=True` does, but the graphs run

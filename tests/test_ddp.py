@@ -6,9 +6,12 @@ two SGD steps on its half of every batch, averaging the gradients over the
 processes as DistributedDataParallel does, and also the one-process reference
 on the global batches. With `synchronized=True` the two processes hold
 bitwise identical weights, moving statistics and gradients, equal to the
-reference within `rtol=1e-6` (absolute floor `1e-6 * max|ref|`; the same
-float32 sums in another order); with `False` the moving statistics are each
-process's own shard's and differ from the reference.
+reference (the same float32 sums in another order) within `rtol=1e-6`
+(absolute floor `1e-6 * max|ref|`); gradients within the correctness grid's
+tolerance for weight gradients, `rtol=1e-5` with a floor `1e-5 * max|ref|`
+(a gamma gradient of the second step, a sum that cancels to half its largest
+element, differed by 1.7e-6 of max|ref|). With `False` the moving
+statistics are each process's own shard's and differ from the reference.
 """
 
 from __future__ import annotations
@@ -95,10 +98,13 @@ def test_synchronized_equals_one_process_on_the_global_batch(results):
     names = sorted(reference)
     assert sum("moving_mean" in n for n in names) == 2
     assert sum("moving_variance" in n for n in names) == 2
-    assert sum(n.startswith("grad") for n in names) == 2 * 9  # 2 steps x 9.
+    assert sum(n.startswith("grad") for n in names) == 2 * 8  # 2 steps x 8.
     for name in names:
         np.testing.assert_array_equal(ours[0][name], ours[1][name], err_msg=name)
-        assert_close(ours[0][name], reference[name], rtol=1e-6, what=name)
+        if name.startswith("grad"):  # the grid's tolerance for weight gradients
+            assert_close(ours[0][name], reference[name], 1e-5, 1e-5, what=name)
+        else:
+            assert_close(ours[0][name], reference[name], rtol=1e-6, what=name)
 
 
 def test_unsynchronized_statistics_are_the_shards(results):

@@ -1,6 +1,6 @@
 # The two commands a newcomer runs on a fresh machine:
 #   make demo   # set up, train MNIST with and without BN, stats, folded ONNX export
-#   make test   # set up, run every test on the TensorFlow and the JAX backend
+#   make test   # set up, run every test on the TensorFlow, JAX and torch backends
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +13,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[tf-cpu,jax,export,export-jax,tensorboard,examples,dev]"
+	# torch first, pinned: the version whose CPU wheel the setup expects (other
+	# versions may pull a multi-GB CUDA build from the registry).
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[tf-cpu,jax,torch,export,export-jax,export-torch,tensorboard,examples,dev]"
 	# tf_keras (a benchmark peer) without pulling the full tensorflow package.
 	$(PY) -m pip install -q --no-deps "tf-keras>=2.20"
 	# keras_hub models in the tests, without tensorflow-text (which would pull
@@ -29,6 +32,7 @@ test: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/codespell
 	KERAS_BACKEND=tensorflow $(PY) -m pytest -q
 	KERAS_BACKEND=jax $(PY) -m pytest -q
+	KERAS_BACKEND=torch $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/codespell

@@ -333,7 +333,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
             raise ValueError(
                 "The mask must have one dimension less than the inputs. Received: "
-                f"mask.shape={mask.shape}, inputs.shape={inputs.shape}"
+                f"mask.shape={tuple(mask.shape)}, inputs.shape={tuple(inputs.shape)}"
             )
         if not (training and self.trainable):
             # The very ops Keras's own BatchNormalization emits in inference

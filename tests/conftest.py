@@ -46,3 +46,18 @@ def clear_warned(monkeypatch):
 
     monkeypatch.setattr(bn, "_warned", set())
     return bn
+
+
+@pytest.fixture(autouse=True)
+def fresh_torch_compile_cache():
+    """On torch, each test starts with an empty `torch.compile` cache.
+
+    Keras's trainer compiles the same code object (its train step) for every
+    model; past Dynamo's recompilation limit the step would silently run
+    eagerly, and a compiled-path test would test the eager path.
+    """
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch._dynamo.reset()
+    yield

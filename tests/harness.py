@@ -4,9 +4,10 @@ It runs a layer (or any function of `x`, `gamma`, `beta`) in training mode and
 returns the output with the gradients with respect to the input and the
 trainable weights, using each backend's own mechanism (`tf.GradientTape` on
 TensorFlow; `layer.stateless_call` under `jax.vjp` on JAX, writing the new
-non-trainable values back to the layer afterwards), optionally compiled
-(`tf.function(jit_compile=True)` / `jax.jit`). It also holds a float64 NumPy
-reference of batch normalization, forward and backward.
+non-trainable values back to the layer afterwards; `torch.autograd.grad` on
+torch), optionally compiled (`tf.function(jit_compile=True)` / `jax.jit` /
+`torch.compile` of the forward pass, see `torch_compile`). It also holds a
+float64 NumPy reference of batch normalization, forward and backward.
 
 Tolerances (used by `assert_close` unless a test states otherwise):
 
@@ -142,8 +143,72 @@ def ref_inference(x, mean, var, gamma, beta, axis: int, epsilon: float):
 # -- running layers and functions with gradients ---------------------------------
 
 
+def skip_inductor_fit(jit_compile) -> None:
+    """Skips `fit(jit_compile=True)` on torch unless KERAS_BN_TORCH_INDUCTOR=1.
+
+    Keras's torch trainer compiles the step with Inductor, about 5 minutes per
+    test on a 2-core machine. The compiled layer is tested without it (the
+    `jit=True` paths, `torch_compile`) and with it once, in `test_backend`.
+    """
+    import os
+
+    import pytest
+
+    if (
+        backend_name() == "torch"
+        and jit_compile is True
+        and os.environ.get("KERAS_BN_TORCH_INDUCTOR") != "1"
+    ):
+        pytest.skip(
+            "fit(jit_compile=True) on torch compiles with Inductor (minutes per "
+            "test on 2 cores); set KERAS_BN_TORCH_INDUCTOR=1 to run it"
+        )
+
+
+def torch_compile(fn):
+    """`torch.compile` as the tests use it: Dynamo and AOTAutograd trace the
+    forward and backward passes as `jit_compile=True` does, but the graphs run
+    without Inductor's code generation (minutes of C++ compilation per test on
+    a 2-core CI machine); `test_backend` compiles with Inductor once."""
+    import torch
+
+    # A fresh cache: the same code object compiled for many layers would reach
+    # Dynamo's recompilation limit and silently run eagerly.
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="aot_eager")
+
+
+def _torch_grads(y, wrt, dy):
+    import torch
+
+    grads = torch.autograd.grad(
+        y, wrt, grad_outputs=backend_cast(dy, y.dtype), allow_unused=True
+    )
+    return list(grads)
+
+
+def torch_tuple_vjp(fn, args, cotangents, jit: bool = False):
+    """`(fn(*args), grads of sum_i <cot_i, fn(*args)_i> wrt args)` on torch."""
+    import torch
+    from keras import ops
+
+    args = [ops.convert_to_tensor(a).detach().requires_grad_() for a in args]
+    call = torch_compile(fn) if jit else fn
+    outs = call(*args)
+    cot = [backend_cast(c, o.dtype) for c, o in zip(cotangents, outs, strict=True)]
+    grads = torch.autograd.grad(outs, args, grad_outputs=cot, allow_unused=True)
+    return [o.detach() for o in outs], list(grads)
+
+
 def vjp(fn, args, dy, jit: bool = False):
     """`(fn(*args), grads of sum(dy * fn(*args)) wrt every arg)` per backend."""
+    if backend_name() == "torch":
+        from keras import ops
+
+        args = [ops.convert_to_tensor(a).detach().requires_grad_() for a in args]
+        call = torch_compile(fn) if jit else fn
+        y = call(*args)
+        return y.detach(), _torch_grads(y, args, dy)
     if backend_name() == "jax":
         import jax
 
@@ -171,6 +236,13 @@ def vjp(fn, args, dy, jit: bool = False):
     return y, list(grads)
 
 
+def dtype_of(x) -> str:
+    """A tensor's dtype as Keras names it ("float16", ...), on every backend."""
+    from keras import ops
+
+    return backend.standardize_dtype(ops.convert_to_tensor(x).dtype)
+
+
 def backend_cast(x, dtype):
     from keras import ops
 
@@ -194,6 +266,24 @@ def run_layer(layer, x, dy=None, *, training=True, mask=None, jit=False, graph=F
     x = ops.convert_to_tensor(x)
     if mask is not None:
         mask = ops.convert_to_tensor(mask)
+    if backend_name() == "torch":
+        if graph:
+            raise ValueError("graph=True is TensorFlow's tf.function without XLA")
+
+        def forward(x, mask):
+            kwargs = {} if mask is None else {"mask": mask}
+            return layer(x, training=training, **kwargs)
+
+        if jit:
+            forward = torch_compile(forward)
+        x = x.detach().requires_grad_(dy is not None)
+        y = forward(x, mask)
+        out = {"y": y.detach()}
+        if dy is not None:
+            weights = [v.value for v in layer.trainable_variables]
+            grads = _torch_grads(y, [x, *weights], dy)
+            out["dx"], out["dweights"] = grads[0], grads[1:]
+        return out
     if backend_name() == "jax":
         import jax
 

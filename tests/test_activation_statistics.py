@@ -144,7 +144,8 @@ def test_mid_training_records_read_current_weights(rng, callback, reference):
     # Keras (private API, read only here) dispatches batch-end hooks on worker
     # threads on thread-safe backends unless a callback's hook may block.
     dispatch = keras.callbacks.CallbackList([stats, ref], model=model)._async_train
-    expected = reference is _BeginReference and keras.backend.backend() == "jax"
+    threaded = keras.backend.backend() in ("jax", "torch")  # IS_THREAD_SAFE
+    expected = reference is _BeginReference and threaded
     assert dispatch is expected
     model.fit(x, y, batch_size=16, epochs=2, callbacks=[stats, ref], verbose=0)
     d = stats.history.as_dict()
@@ -176,7 +177,9 @@ def test_probe_compiled_once_and_reduced_inside(rng):
     for _ in range(2):
         model.fit(x, y, batch_size=16, epochs=2, callbacks=[stats], verbose=0)
     assert len(stats.history) == 26  # 13 records (steps 0-12) per fit
-    assert _CountTraces.traces == 1
+    if model.jit_compile or keras.backend.backend() != "torch":
+        assert _CountTraces.traces == 1
+    # (torch without jit_compile runs the probe eagerly: nothing is traced.)
     (values,) = stats._probe.run()
     assert values.shape == (40,) and values.dtype == np.float32
     np.testing.assert_allclose(

@@ -12,6 +12,8 @@ import pytest
 from keras_bn import backend
 
 TF = keras.backend.backend() == "tensorflow"
+JAX = keras.backend.backend() == "jax"
+TORCH = keras.backend.backend() == "torch"
 
 
 def test_module_of_the_running_backend():
@@ -21,7 +23,7 @@ def test_module_of_the_running_backend():
         assert getattr(backend, name) is getattr(module, name), name
 
 
-@pytest.mark.parametrize("other", ["torch", "numpy", "openvino"])
+@pytest.mark.parametrize("other", ["numpy", "openvino"])
 def test_unsupported_backend_raises_on_use(monkeypatch, other):
     """No silent TensorFlow default: every entry point names the backend."""
     monkeypatch.setattr(keras.backend, "backend", lambda: other)
@@ -33,7 +35,8 @@ def test_unsupported_backend_raises_on_use(monkeypatch, other):
     for name in module.API:
         with pytest.raises(
             NotImplementedError,
-            match=rf"keras_bn supports the Keras backends \['tensorflow', 'jax'\]; "
+            match=rf"keras_bn supports the Keras backends "
+            rf"\['tensorflow', 'jax', 'torch'\]; "
             rf"Keras runs on '{other}'\. Set .*KERAS_BACKEND",
         ):
             getattr(module, name)(None)
@@ -46,6 +49,15 @@ def test_is_traced():
 
         assert backend.is_traced(tf.constant(x)) is False
         assert bool(tf.function(lambda t: backend.is_traced(t))(x)) is True
+    elif TORCH:
+        import torch
+
+        def probe(t):
+            return t.sum() * 0 + float(backend.is_traced(t))
+
+        t = torch.from_numpy(x)
+        assert backend.is_traced(t) is False
+        assert float(torch.compile(probe, backend="eager", fullgraph=True)(t)) == 1.0
     else:
         import jax
 
@@ -119,7 +131,7 @@ def test_fused_op_not_used_where_it_does_not_apply(rng, monkeypatch):
 
 
 def test_jax_custom_vjp_is_defined_once():
-    if TF:
+    if not JAX:
         pytest.skip("JAX's custom_vjp")
     import jax
 
@@ -151,6 +163,18 @@ def _compilers():
             "traced": tf.function,
             "compiled": lambda f: tf.function(f, jit_compile=True),
         }
+    if TORCH:
+        import torch
+
+        def compiled(f):
+            # Inductor's generated code: its sum is the one to check.
+            compiled_f = torch.compile(f, fullgraph=True)
+            return lambda x: compiled_f(torch.from_numpy(x))
+
+        return {
+            "eager": lambda f: lambda x: f(torch.from_numpy(x)),
+            "compiled": compiled,
+        }
     import jax
 
     return {"eager": lambda f: f, "compiled": jax.jit}
@@ -162,7 +186,7 @@ def test_reduce_sum_matches_float64(rng, shape, axes, how):
     """The same value, keepdims, however the backend computes it (rel 1e-6)."""
     compile_ = _compilers().get(how)
     if compile_ is None:
-        pytest.skip("JAX traces only to compile")
+        pytest.skip("JAX and torch trace only to compile")
     x = rng.normal(1.0, 2.0, size=shape).astype("float32")
     want = np.sum(np.square(x.astype("float64")), axis=tuple(axes), keepdims=True)
     got = np.asarray(compile_(lambda v: backend.reduce_sum(v * v, axes))(x))
@@ -182,6 +206,14 @@ def test_reduce_sum_gradient_is_ones(rng):
                 tape.watch(v)
                 s = tf.reduce_sum(backend.reduce_sum(v, [0, 2]))
             return tape.gradient(s, v)
+
+    elif TORCH:
+        import torch
+
+        def grad(v):
+            v = torch.from_numpy(v).requires_grad_()
+            backend.reduce_sum(v, [0, 2]).sum().backward()
+            return v.grad
 
     else:
         import jax
@@ -235,3 +267,137 @@ def test_reduce_sum_does_not_bar_unknown_dimensions():
         input_signature=[spec],
     )
     assert "opt-barrier(" not in f.experimental_get_compiler_ir(tf.ones((4, 3, 7)))()
+
+
+# -- torch ------------------------------------------------------------------------
+
+
+def _torch_step(x, axis, mask=None):
+    """`batch_norm_train` and a loss of its outputs (y, mean and variance)."""
+    import torch
+
+    from keras_bn import _train
+
+    c = x.shape[axis]
+    scale = torch.linspace(0.5, 2.0, c, requires_grad=True)
+    offset = torch.linspace(-1.0, 1.0, c, requires_grad=True)
+
+    def step(x, scale, offset, mask):
+        y, mean, var = _train.batch_norm_train(
+            x, scale, offset, mask, axis=axis % x.dim(), epsilon=1e-3
+        )
+        return (y.float() ** 2).sum() + mean.sum() + var.sum()
+
+    return step, (x, scale, offset, mask)
+
+
+@pytest.mark.parametrize(
+    "shape,axis,masked",
+    [
+        ((16, 5), -1, False),
+        ((4, 3, 3, 5), -1, False),
+        ((4, 5, 3, 3), 1, False),
+        ((4, 6, 5), -1, True),
+    ],
+)
+def test_torch_compile_has_no_graph_break(rng, shape, axis, masked):
+    """Dynamo traces the kernel (forward as one custom op, its backward, the
+    statistics) in one graph: `torch._dynamo.explain` finds no break."""
+    if not TORCH:
+        pytest.skip("torch.compile (Dynamo)")
+    import torch
+
+    x = torch.from_numpy(rng.normal(size=shape).astype("float32"))
+    mask = None
+    if masked:
+        mask = torch.from_numpy((rng.uniform(size=shape[:-1]) > 0.3)[..., None])
+        mask = mask.float()
+    step, args = _torch_step(x.requires_grad_(), axis, mask)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    # The custom op is what keeps the forward's run-time branch opaque.
+    ops_in_graph = {
+        str(node.target)
+        for graph in explanation.graphs
+        for module in graph.modules()  # the autograd Function's subgraphs too
+        if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes
+    }
+    assert "keras_bn.kernel_forward" in ops_in_graph, ops_in_graph
+
+
+def test_torch_compiled_step_matches_eager(rng):
+    """The layer's training step under `torch.compile` with Inductor (as
+    `jit_compile=True` runs it), output and gradients equal to eager."""
+    if not TORCH:
+        pytest.skip("torch.compile (Inductor)")
+    import torch
+
+    x = torch.from_numpy(rng.normal(3.0, 2.0, (8, 4, 4, 5)).astype("float32"))
+    step, args = _torch_step(x.requires_grad_(), -1)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        loss = fn(*args)
+        grads = torch.autograd.grad(loss, args[:3])
+        results.append([loss.detach(), *grads])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape,axis,expected",
+    [
+        ((8, 5), 1, None),
+        ((8, 4, 5), 2, None),
+        ((8, 5, 4), 1, (8, 5, 4)),
+        ((8, 5, 4, 3), 1, (8, 5, 12)),
+        ((8, 4, 5, 3, 2), 2, (32, 5, 6)),
+        ((5, 8, 2), 0, (1, 5, 16)),
+        ((8, 5, 1), 1, None),
+    ],
+)
+def test_torch_native_view(shape, axis, expected):
+    if not TORCH:
+        pytest.skip("torch's native batch norm")
+    from keras_bn.backend import torch as tb
+
+    assert tb.native_view(shape, axis) == expected
+
+
+def test_torch_native_op_not_used_where_it_does_not_apply(rng):
+    """Channels-last, float64, under torch.compile: None (use the kernel)."""
+    if not TORCH:
+        pytest.skip("torch's native batch norm")
+    import torch
+
+    def native(x, axis):
+        out = backend.fused_train(
+            x, torch.ones(3), torch.zeros(3), axis=axis, epsilon=1e-3
+        )
+        return out is not None
+
+    x = torch.from_numpy(rng.normal(size=(6, 3, 4)).astype("float32"))
+    assert native(x, 1)
+    assert not native(x.transpose(1, 2).contiguous(), 2)
+    assert not native(x.double(), 1)
+    assert not native(x[:1, :, :1], 1)  # a single value per channel
+    flags = []
+
+    def probe(t):
+        flags.append(native(t, 1))
+        return t * 2
+
+    torch.compile(probe, backend="eager", fullgraph=True)(x)
+    assert flags == [False]
+
+
+def test_torch_kernel_is_an_autograd_function():
+    if not TORCH:
+        pytest.skip("torch.autograd")
+    from keras_bn.backend import torch as tb
+
+    assert issubclass(tb.KernelTrain, __import__("torch").autograd.Function)

@@ -96,7 +96,9 @@ def _run_workers(backend: str, out: Path) -> None:
 def results(tmp_path_factory):
     backend = keras.backend.backend()
     if backend not in ("tensorflow", "jax"):
-        pytest.skip(f"no multi-process run for the {backend} backend")
+        pytest.skip(
+            f"no multi-process run for the {backend} backend here (torch: test_ddp.py)"
+        )
     out = tmp_path_factory.mktemp(f"multiworker_{backend}")
     _run_workers(backend, out)
     load = lambda name: dict(np.load(out / f"{name}.npz"))  # noqa: E731

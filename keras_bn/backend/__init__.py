@@ -10,16 +10,19 @@ re-exported here; everything else in keras_bn is backend-neutral
   custom gradient; returns `(y, mean, variance)`.
 * `fused_train(x, scale, offset, *, axis, epsilon)`: a faster step than
   `kernel_train` where the backend has one (TensorFlow without XLA: its fused
-  batch-norm op, or the kernel compiled by XLA as nested functions);
+  batch-norm op, or the kernel compiled by XLA as nested functions; torch
+  eagerly, for channels-first inputs: its native batch norm);
   `(y, mean, biased variance)`, or None to use `kernel_train`.
 * `reduce_sum(v, axes)`: the sum over `axes` with `keepdims=True`, in the
   form the backend's compiler runs fastest and sums accurately (all the
   kernel's sums go through it).
 * `warn_if(flag, warn)`: calls the Python function `warn()` when the
   boolean tensor `flag` is true, at run time where the step is traced.
-* `is_traced(x)`: inside `tf.function`/`jax.jit` (as in `fit`), not eager.
+* `is_traced(x)`: inside `tf.function`/`jax.jit` (as in `fit`) or
+  `torch.compile`, not eager.
 * `cross_replica_sum()`: a function summing a tensor over the replicas of the
-  current distribution strategy, or None with a single replica.
+  current distribution strategy (on torch: the processes of the default
+  `torch.distributed` process group), or None with a single replica.
 * `assert_divisible(x, k)`: a run-time check that the batch size divides by `k`
   (where shapes can be unknown when tracing).
 * `compile_function(fn, jit)`, `convert_inputs(x)`, `variable_index(model)`,
@@ -35,7 +38,7 @@ import importlib
 
 import keras
 
-SUPPORTED = ("tensorflow", "jax")
+SUPPORTED = ("tensorflow", "jax", "torch")
 API = (
     "kernel_train",
     "fused_train",
@@ -58,7 +61,7 @@ def _unsupported(name: str):
         raise NotImplementedError(
             f"keras_bn supports the Keras backends {list(SUPPORTED)}; Keras runs "
             f"on {name!r}. Set the environment variable KERAS_BACKEND to "
-            "'tensorflow' or 'jax' before importing keras."
+            "'tensorflow', 'jax' or 'torch' before importing keras."
         )
 
     return fail

@@ -133,13 +133,14 @@ def sample_plan(
     size (a batch dimension when tracing) takes the remaining budget, its
     positions repeating when it is shorter, or, with `exact_slice` (a replica
     may hold no example at all), its first positions, never out of range.
-    Axes of size 1 are left alone. Returns `(axis, positions)`, positions
-    being an int32 tensor or a slice.
+    Axes of size 1, and empty axes (a replica without examples), are left
+    alone. Returns `(axis, positions)`, positions being an int32 tensor or a
+    slice.
     """
     plan, budget = [], PILOT_SAMPLES if samples is None else samples
     for i in axes:
         n = x.shape[i]
-        if n == 1:
+        if n in (0, 1):
             continue
         if n is not None and n <= budget:
             budget //= n

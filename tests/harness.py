@@ -21,6 +21,9 @@ Tolerances (used by `assert_close` unless a test states otherwise):
 
 from __future__ import annotations
 
+import contextlib
+import re
+
 import numpy as np
 from keras import backend
 
@@ -366,3 +369,26 @@ def affine_of(layer):
     gamma = to_numpy(layer.gamma) if layer.scale else np.ones(c)
     beta = to_numpy(layer.beta) if layer.center else np.zeros(c)
     return gamma, beta
+
+
+@contextlib.contextmanager
+def skip_if_no_cpu_nchw_conv():
+    """Skips the test where TensorFlow's CPU has no channels-first convolution.
+
+    TensorFlow's CPU `Conv2D` kernel has an NCHW form only in builds whose
+    oneDNN kernels are active on the processor; elsewhere an eager
+    channels-first 1-D/2-D convolution or transposed convolution (Keras's own
+    layers too: Keras compiles only 3-D and grouped convolutions with XLA)
+    raises "only supports NHWC".
+    Only that error skips; any other is raised.
+    """
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is that error
+        if not re.search(r"only supports (the )?N(D)?HWC", str(e)):
+            raise
+        import pytest
+
+        pytest.skip(
+            "this TensorFlow build's CPU convolutions have no channels-first kernel"
+        )

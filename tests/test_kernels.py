@@ -280,6 +280,7 @@ def test_helpers():
         ((8, 3, 100), [0, 2], 64, [None, 8]),  # all 8 examples, 8 positions each
         ((100, 3, 50), [0, 2], 64, [63, 1]),  # two of 64 fell together
         ((4, 3), [0], 64, []),  # the whole batch
+        ((0, 3), [0], 64, []),  # an empty batch (a replica without examples)
     ],
 )
 def test_sample_plan(shape, axes, samples, expected):

@@ -49,14 +49,15 @@ zoo-table: $(STAMP)
 
 # Builds the sdist and the wheel (from the sdist), installs the wheel with
 # [tf-cpu,export] in a fresh virtual environment outside the repository and runs
-# scripts/smoke_wheel.py there. pip's cache makes a second run fast.
+# scripts/smoke_wheel.py there, the README's quickstart included. pip's cache
+# makes a second run fast.
 wheel-smoke: $(STAMP)
 	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	$(PY) -m build -q --outdir "$$tmp/dist" . >/dev/null; \
 	$(PYTHON) -m venv "$$tmp/venv"; \
 	"$$tmp/venv/bin/python" -m pip install -q --upgrade pip; \
 	"$$tmp/venv/bin/python" -m pip install -q "$$(ls "$$tmp"/dist/*.whl)[tf-cpu,export]"; \
-	cp scripts/smoke_wheel.py "$$tmp/"; \
+	cp scripts/smoke_wheel.py README.md "$$tmp/"; \
 	cd "$$tmp" && "$$tmp/venv/bin/python" smoke_wheel.py
 
 # Differential fuzzing of fold_onnx with more examples than `make test` runs

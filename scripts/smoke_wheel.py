@@ -7,7 +7,9 @@ Checks what a user of the wheel does first, with only the installed package
 `recalibrate`; `fold_batchnorm`; `export_onnx` and the same model in ONNX
 Runtime against Keras (relative 1e-5); a folded `.keras` that kept a batch
 norm (`ChannelAffine`) reloaded in a fresh process after `import keras_bn`
-alone; the `keras-bn` command (`--version`, `export`).
+alone; the `keras-bn` command (`--version`, `export`); and, where README.md
+lies next to this script, the README's quickstart (its first Python block)
+pasted into a file and run.
 
 The checks run in a child process whose stderr is captured: the smoke test
 fails unless that stderr holds nothing but the command line's progress lines
@@ -121,6 +123,17 @@ def checks(work: str) -> None:
     subprocess.run([cli, "export", model_path, "-o", cli_onnx], check=True)
     assert os.path.getsize(cli_onnx) > 0
     print("keras-bn export: done")
+
+    # The README's quickstart, pasted into a file, as a newcomer runs it.
+    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+    if os.path.exists(readme):
+        with open(readme, encoding="utf-8") as f:
+            blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+        quickstart = os.path.join(work, "quickstart.py")
+        with open(quickstart, "w", encoding="utf-8") as f:
+            f.write(blocks[0])
+        subprocess.run([sys.executable, quickstart], cwd=work, check=True)
+        print("README quickstart: done")
 
 
 def main() -> int:

@@ -351,6 +351,8 @@ def test_guard_recomputes_around_the_mean(rng, case, jit):
             import jax
 
             return jax.jit(fn)(x)
+        if jit and h.backend_name() == "torch":
+            return h.torch_compile(fn)(ops.convert_to_tensor(x))
         if jit:
             import tensorflow as tf
 

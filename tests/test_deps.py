@@ -79,7 +79,7 @@ def test_require_route(monkeypatch):
     with pytest.raises(
         _deps.MissingDependency,
         match=r"^ONNX export on the jax backend needs no_such_a_kbn, no_such_b_kbn, "
-        r'which are not installed: pip install "keras-bn\[export\]"',
+        r'which are not installed: pip install "keras-bn\[export-jax\]"',
     ):
         _deps.require_route("jax")
     monkeypatch.setitem(_deps.ROUTES, "jax", ("jax2onnx", ("json",)))

@@ -10,6 +10,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# Scripts that the tests run in their own processes: not collected (importing
+# `_ddp_worker` would set KERAS_BACKEND=torch for this whole process).
+collect_ignore = ["_ddp_worker.py", "_multiworker_worker.py"]
+
 SEED = 20150211  # Ioffe & Szegedy's arXiv submission date.
 
 

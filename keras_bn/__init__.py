@@ -1,6 +1,18 @@
 """keras-bn: fast batch normalization for Keras 3 (Ioffe & Szegedy, 2015)."""
 
-from keras_bn import _checkout
+import os as _os
+import sys as _sys
+
+# The `keras-bn` command is quiet by default, but its entry point imports this
+# package, and so Keras and TensorFlow, before the command's own code runs:
+# TensorFlow reads its C++ log level once, at import.
+if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "keras-bn" and not {
+    "--verbose",
+    "--debug",
+} & set(_sys.argv):
+    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from keras_bn import _checkout  # noqa: E402
 
 _checkout.load_converters()  # a source checkout: its converters/ folder
 

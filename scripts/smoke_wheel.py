@@ -112,15 +112,17 @@ def checks(work: str) -> None:
     print("folded .keras with ChannelAffine reloads after `import keras_bn`")
 
     cli = os.path.join(os.path.dirname(sys.executable), "keras-bn")
+    # The command must be quiet by itself: TensorFlow's log level left unset.
+    cli_env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     version = subprocess.run(
-        [cli, "--version"], check=True, capture_output=True, text=True
+        [cli, "--version"], check=True, stdout=subprocess.PIPE, text=True, env=cli_env
     ).stdout
     assert keras_bn.__version__ in version, version
     print(f"keras-bn --version: {version.strip()}")
     model_path = os.path.join(work, "model.keras")
     model.save(model_path)
     cli_onnx = os.path.join(work, "cli.onnx")
-    subprocess.run([cli, "export", model_path, "-o", cli_onnx], check=True)
+    subprocess.run([cli, "export", model_path, "-o", cli_onnx], check=True, env=cli_env)
     assert os.path.getsize(cli_onnx) > 0
     print("keras-bn export: done")
 

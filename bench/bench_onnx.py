@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from converters import export_onnx  # noqa: E402
-from converters.bench import bench_latency, latency_ms  # noqa: E402
+from keras_bn.converters import export_onnx  # noqa: E402
+from keras_bn.converters.bench import bench_latency, latency_ms  # noqa: E402
 
 L = keras.layers
 

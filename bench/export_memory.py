@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "m.onnx")
         if args.which == "ours":
-            from converters import export_onnx
+            from keras_bn.converters import export_onnx
 
             report = export_onnx(model, path, samples=args.samples)
             print(

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     import keras_bn
-    from converters import export_onnx, fold_batchnorm
+    from keras_bn.converters import export_onnx, fold_batchnorm
 
     keras.config.set_image_data_format(args.data_format)
     keras.utils.set_random_seed(0)

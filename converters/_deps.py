@@ -129,6 +129,16 @@ def require_tensorflow_backend(what: str) -> None:
 
 
 MIN_OPSET = 13
+# The opset each exporter writes natively: tf2onnx converts to any opset;
+# jax2onnx and torch.onnx write opset-18 operators (reductions with `axes`
+# inputs), and onnx's version converter cannot bring every graph below 18
+# (it has no Pad adapter, for one).
+DEFAULT_OPSETS = {"tf2onnx": 17, "jax2onnx": 18, "torch.onnx": 18}
+
+
+def default_opset(route: str) -> int:
+    """The opset `export_onnx` writes when none is given, for `route`."""
+    return DEFAULT_OPSETS[route]
 
 
 def max_opset(route: str) -> int:

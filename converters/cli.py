@@ -308,9 +308,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--opset",
         type=_opset,
-        default=17,
+        default=None,
         metavar="N",
-        help="ONNX opset, from 13 to the highest the installed exporter supports",
+        help="ONNX opset, from 13 to the highest the installed exporter supports "
+        "(default: the exporter's own, 17 with tf2onnx, 18 with jax2onnx and "
+        "torch.onnx)",
     )
     e.add_argument(
         "--samples",
@@ -732,7 +734,7 @@ def _export(args) -> int:
         import keras  # noqa: F401 - imports the backend: the slow part
 
         top = _deps.max_opset(route)
-    if args.opset > top:
+    if args.opset is not None and args.opset > top:
         raise UsageError(
             f"argument --opset: {args.opset} is above {top}, the highest opset the "
             f"installed {route} and onnx support; use --opset "

@@ -559,7 +559,7 @@ def export_onnx(
     path,
     *,
     fold: bool = True,
-    opset: int = 17,
+    opset: int | None = None,
     input_signature=None,
     verify: bool = True,
     inputs=None,
@@ -591,7 +591,11 @@ def export_onnx(
             with `fold=False` and an `input_signature` (its `call` is traced).
         path: Output `.onnx` file.
         fold: Fold batch normalization first (`False`: plain export).
-        opset: ONNX opset (13 to the highest the exporter supports).
+        opset: ONNX opset (13 to the highest the exporter supports);
+            `None`: the exporter's own, 17 with tf2onnx and 18 with
+            jax2onnx and `torch.onnx` (which write opset-18 operators; a
+            lower opset goes through onnx's version converter, which cannot
+            convert every graph).
         input_signature: Optional list, one entry per model input, of
             `(shape, dtype)` pairs (`((None, 28, 28, 1), "float32")`),
             `keras.InputSpec`s or `tf.TensorSpec`s; defaults to the model's
@@ -646,6 +650,8 @@ def export_onnx(
     """
     route = _route()
     onnx = require("onnx")
+    if opset is None:
+        opset = _deps.default_opset(route)
     _check_arguments(model, route, opset, samples, rtol, batch_size, precision)
     if progress is not None and not callable(progress):
         raise TypeError(

@@ -498,6 +498,28 @@ def test_every_backend_folds_and_matches_keras(rng, tmp_path, data_format):
     assert np.abs(got - ref).max() / np.abs(ref).max() <= RTOL
 
 
+def test_default_opset_is_the_exporters_own(rng, tmp_path):
+    """With no `opset`, each route writes the opset its exporter writes
+    natively (jax2onnx and torch.onnx: 18), so a model with padding (which
+    onnx's version converter cannot bring below 18) exports by default."""
+    from keras_bn.converters import _deps
+
+    model = keras.Sequential(
+        [
+            keras.Input((9, 9, 3)),
+            L.ZeroPadding2D(((0, 1), (0, 1))),
+            L.Conv2D(4, 3, strides=2, use_bias=False),
+            L.BatchNormalization(),
+            L.ReLU(),
+        ]
+    )
+    randomize_bn(model, rng)
+    report = export_onnx(model, tmp_path / "m.onnx")
+    assert report.opset == _deps.default_opset(ROUTE)
+    assert report.opset == {"tf2onnx": 17, "jax2onnx": 18, "torch.onnx": 18}[ROUTE]
+    assert report.max_rel_error <= RTOL and report.fold_report.num_folded == 1
+
+
 def test_kept_bn_behind_layout_ops_is_one_scale_shift(rng, tmp_path):
     """A BN after a ReLU cannot fold; on every backend it is one Mul + Add,
     whatever Transposes the exporter puts around the convolutions."""

@@ -16,8 +16,12 @@ of the process), the least sensitive to other processes on a shared machine.
 "BN cost" is a model's time minus the Identity model's in the same compile
 mode; keras_bn's BN cost is given as a fraction of Keras's.
 
-    KERAS_BACKEND=tensorflow python bench/bench_fit.py
-    KERAS_BACKEND=jax python bench/bench_fit.py
+On torch, `jit_compile=True` is `torch.compile` of the train step (through
+Keras); its compile time falls in the untimed warm-up epoch.
+
+    python bench/bench_fit.py --backend tensorflow
+    python bench/bench_fit.py --backend jax
+    python bench/bench_fit.py --backend torch
 """
 
 from __future__ import annotations
@@ -92,9 +96,24 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--modes", default=",".join(MODES), help=f"comma-separated: {list(MODES)}"
     )
+    parser.add_argument(
+        "--backend",
+        choices=("tensorflow", "jax", "torch"),
+        default=None,
+        help="sets KERAS_BACKEND before Keras is imported (default: the "
+        "environment's)",
+    )
     args = parser.parse_args(argv)
+    if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend
 
     import keras
+
+    if args.backend and keras.backend.backend() != args.backend:
+        raise SystemExit(
+            f"Keras was imported with {keras.backend.backend()!r} before "
+            f"--backend {args.backend} could apply"
+        )
 
     rng = np.random.default_rng(0)
     n = args.steps * args.batch

@@ -40,10 +40,18 @@ import statistics
 import time
 
 PEERS: set[str] = set()
+MODES: set[str] = set()
 SHAPES = {
     "cpu": [((32, 56, 56, 64), -1), ((32, 64, 56, 56), 1), ((256, 1024), -1)],
     "gpu": [((256, 56, 56, 64), -1), ((256, 14, 14, 512), -1), ((8192, 4096), -1)],
     "small": [((8, 12, 12, 16), -1), ((8, 16, 12, 12), 1), ((64, 128), -1)],
+    # 5-D and 3-D, each channels-last and its channels-first twin.
+    "nd": [
+        ((8, 16, 28, 28, 32), -1),
+        ((8, 32, 16, 28, 28), 1),
+        ((64, 512, 64), -1),
+        ((64, 64, 512), 1),
+    ],
 }
 
 
@@ -334,6 +342,99 @@ def _torch_candidate(shape, axis, dtype):
     return {label: step}
 
 
+def _torch_candidates(shape, axis, dtype):
+    """Eager steps and `torch.compile`d ones (Inductor), on the CPU.
+
+    A layer's step: `y = layer(x, training=True)` (which updates the moving
+    statistics in place), then `torch.autograd.grad` of `<y, dy>` w.r.t. x,
+    gamma and beta. Compiled: the layer's call under `torch.compile` (as
+    `jit_compile=True` runs `fit`'s step; its backward is compiled with it by
+    AOTAutograd), compiled on the warm-up runs, which are not timed.
+    The peer `torch.nn.functional.batch_norm` (with running statistics) takes
+    channels-first data as it is; channels-last data in each layout it can:
+    as a permuted view (for 4-D and 5-D the `channels_last` memory formats,
+    no copy), as a contiguous permuted copy, and as a 2-D `(-1, C)` view.
+    """
+    import keras
+    import torch
+    import torch.nn.functional as F
+
+    import keras_bn
+
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=tdtype).requires_grad_()
+    dy = torch.randn(shape, generator=gen, dtype=tdtype)
+    rank, c = len(shape), shape[axis]
+    policy = "mixed_bfloat16" if dtype == "bfloat16" else dtype
+
+    def step_fn(layer, compiled):
+        layer.build(shape)
+        params = [v.value for v in layer.trainable_weights]
+
+        def fwd(x):
+            return layer(x, training=True)
+
+        if compiled:
+            fwd = torch.compile(fwd)
+
+        def step():
+            y = fwd(x)
+            return y, torch.autograd.grad(y, [x, *params], grad_outputs=dy)
+
+        return step
+
+    def native(to, back):
+        weight = torch.ones(c, requires_grad=True)
+        bias = torch.zeros(c, requires_grad=True)
+        running = (torch.zeros(c), torch.ones(c))
+
+        def step():
+            y = F.batch_norm(
+                to(x), *running, weight, bias, training=True, momentum=0.01, eps=1e-3
+            )
+            y = back(y)
+            return y, torch.autograd.grad(y, [x, weight, bias], grad_outputs=dy)
+
+        return step
+
+    cands = {
+        "keras_bn (eager)": step_fn(
+            keras_bn.BatchNormalization(axis=axis, dtype=policy), False
+        ),
+        "Keras 3 BN (eager)": step_fn(
+            keras.layers.BatchNormalization(axis=axis, dtype=policy), False
+        ),
+    }
+    if axis % rank == rank - 1 and rank > 2:
+        first = (0, rank - 1, *range(1, rank - 1))
+        last = (0, *range(2, rank), 1)
+        view = "channels_last" if rank in (4, 5) else "permuted"
+        cands[f"F.batch_norm ({view} view)"] = native(
+            lambda t: t.permute(first), lambda t: t.permute(last)
+        )
+        cands["F.batch_norm (permuted copy)"] = native(
+            lambda t: t.permute(first).contiguous(), lambda t: t.permute(last)
+        )
+        cands["F.batch_norm (2-D view)"] = native(
+            lambda t: t.reshape(-1, c), lambda t: t.reshape(shape)
+        )
+    else:
+        cands["F.batch_norm"] = native(lambda t: t, lambda t: t)
+    if "compile" in MODES:
+        cands["keras_bn (torch.compile)"] = step_fn(
+            keras_bn.BatchNormalization(axis=axis, dtype=policy), True
+        )
+        cands["Keras 3 BN (torch.compile)"] = step_fn(
+            keras.layers.BatchNormalization(axis=axis, dtype=policy), True
+        )
+
+    def sync(out):  # CPU: the step's tensors are computed when it returns
+        return out
+
+    return cands, sync, x
+
+
 def _copy_floor(x, repeats, inner):
     """8 passes over x at the copy bandwidth measured on x itself (JAX, warm).
 
@@ -359,7 +460,7 @@ def _is_peer(name: str) -> bool:
 
 
 def _compiled(name: str) -> bool:
-    return "(XLA)" in name or "(jit)" in name
+    return "(XLA)" in name or "(jit)" in name or "(torch.compile)" in name
 
 
 def peer_ratios(results: dict) -> list[tuple]:
@@ -386,7 +487,11 @@ def peer_ratios(results: dict) -> list[tuple]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", choices=sorted(SHAPES), default="cpu")
+    parser.add_argument(
+        "--shapes",
+        default="cpu",
+        help=f"comma-separated shape sets: {sorted(SHAPES)}",
+    )
     parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--inner", type=int, default=1)
@@ -394,14 +499,30 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--peers", default="", help="JAX: extra peers, comma-separated: flax,torch"
     )
+    parser.add_argument(
+        "--torch-modes",
+        default="eager,compile",
+        help="torch: the modes timed, comma-separated: eager,compile",
+    )
     args = parser.parse_args(argv)
+    MODES.update(m for m in args.torch_modes.split(",") if m)
     PEERS.update(p for p in args.peers.split(",") if p)
+    shapes = []
+    for name in args.shapes.split(","):
+        if name not in SHAPES:
+            parser.error(f"--shapes: {name!r} is not one of {sorted(SHAPES)}")
+        shapes += SHAPES[name]
 
     import keras
 
     backend = keras.backend.backend()
     if backend == "tensorflow":
         make = _tf_candidates
+    elif backend == "torch":
+        make = _torch_candidates
+        import torch
+
+        print(f"torch={torch.__version__} threads={torch.get_num_threads()}")
     elif backend == "jax":
         make = _jax_candidates
         import jax
@@ -420,7 +541,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     summary = []
     for dtype in args.dtypes.split(","):
-        for shape, axis in SHAPES[args.shapes]:
+        for shape, axis in shapes:
             cands, sync, x = make(shape, axis, dtype)
             results = _time_alternated(cands, args.repeats, args.inner, sync)
             if args.floor and backend == "jax":

@@ -100,8 +100,7 @@ def main(argv=None) -> None:
         "--backend",
         choices=("tensorflow", "jax", "torch"),
         default=None,
-        help="sets KERAS_BACKEND before Keras is imported (default: the "
-        "environment's)",
+        help="KERAS_BACKEND for this run (default: the environment's)",
     )
     args = parser.parse_args(argv)
     if args.backend:

@@ -401,3 +401,70 @@ def test_torch_kernel_is_an_autograd_function():
     from keras_bn.backend import torch as tb
 
     assert issubclass(tb.KernelTrain, __import__("torch").autograd.Function)
+
+
+@pytest.mark.parametrize(
+    "shape,axis,loc,std,route",
+    [
+        ((6, 4, 5), -1, 0.0, 1.0, "few-pass"),  # channels-last
+        ((6, 4, 5), -1, 1e4, 1.0, "few-pass"),  # the shift keeps full precision
+        ((16, 5), -1, 3.0, 2.0, "few-pass"),  # 2-D
+        ((6, 4, 5), -1, 0.0, 1e20, "general"),  # squares overflow: recompute
+        ((6, 5, 4), 1, 0.0, 1.0, "native"),  # channels-first
+    ],
+)
+def test_torch_eager_route(rng, monkeypatch, shape, axis, loc, std, route):
+    """Which route an eager training step takes, per layout: torch's native
+    op, the kernel's few-pass form, or the general kernel (its guard fired),
+    and that each matches float64."""
+    if not TORCH:
+        pytest.skip("torch's eager routes")
+    import torch
+
+    from keras_bn import _train
+    from keras_bn.backend import torch as tb
+
+    taken = []
+    native, few = tb.fused_train, tb._eager_forward
+
+    def spy_native(*args, **kwargs):
+        out = native(*args, **kwargs)
+        taken.append("native" if out is not None else "not native")
+        return out
+
+    def spy_few(*args, **kwargs):
+        out = few(*args, **kwargs)
+        taken.append("few-pass" if out is not None else "general")
+        return out
+
+    monkeypatch.setattr(backend, "fused_train", spy_native)
+    monkeypatch.setattr(tb, "_eager_forward", spy_few)
+    x64 = rng.normal(loc, std, shape)
+    x = torch.from_numpy(x64.astype("float32")).requires_grad_()
+    c = shape[axis]
+    scale = torch.linspace(0.5, 2.0, c, requires_grad=True)
+    offset = torch.linspace(-1.0, 1.0, c, requires_grad=True)
+    dy = torch.from_numpy(rng.normal(size=shape).astype("float32"))
+    y, mean, var = _train.batch_norm_train(
+        x, scale, offset, axis=axis % len(shape), epsilon=1e-3
+    )
+    grads = torch.autograd.grad(y, (x, scale, offset), dy)
+    assert taken[-1] == route, taken
+
+    t64 = torch.from_numpy(x.detach().numpy().astype("float64")).requires_grad_()
+    s64 = scale.detach().double().requires_grad_()
+    o64 = offset.detach().double().requires_grad_()
+    dims = tuple(i for i in range(len(shape)) if i != axis % len(shape))
+    bshape = [1] * len(shape)
+    bshape[axis] = c
+    m = t64.mean(dims, keepdim=True)
+    v = t64.var(dims, unbiased=False, keepdim=True)
+    y64 = (t64 - m) / torch.sqrt(v + 1e-3) * s64.reshape(bshape) + o64.reshape(bshape)
+    ref = [y64, *torch.autograd.grad(y64, (t64, s64, o64), dy.double())]
+    for got, want in zip((y, *grads), ref, strict=True):
+        want = want.detach().numpy()
+        err = np.max(np.abs(got.detach().numpy() - want)) / np.max(np.abs(want))
+        assert err <= 1e-6, err
+    np.testing.assert_allclose(
+        mean.detach().numpy(), m.flatten().detach(), rtol=1e-6, atol=1e-6 * std
+    )

@@ -16,17 +16,25 @@ Compares `keras_bn.BatchNormalization` with its peers in the same process:
   sums, read x and dy and write dx) at the measured device-to-device copy
   bandwidth.
 
+* torch backend (CPU): keras_bn and Keras 3's BatchNormalization eagerly
+  (Keras's default on torch) and under `torch.compile`, and
+  `torch.nn.functional.batch_norm` in each layout it can take the data in
+  (channels-last data: the `channels_last` memory format or a permuted view,
+  a permuted copy, a 2-D view), all peers; `--torch-modes eager` skips the
+  compiled candidates.
+
 A step is: y = layer(x, training=True) with the moving statistics updated,
 and the gradients of <y, dy> w.r.t. x, gamma and beta; y and the gradients
 are all outputs of the step, so no candidate can skip computing y. Reported: median (and
 min) over `--repeats` timed runs of `--inner` steps each, after warm-up, the
 candidates' runs interleaved. A second table gives, per shape, each keras_bn
 row's time over the fastest peer's (any mode; the fused op alone and the
-floor are not peers) and over the fastest peer compiled the same way (XLA or
-`jax.jit`, or not): 1.00 or less means no slower.
+floor are not peers) and over the fastest peer compiled the same way (XLA,
+`jax.jit` or `torch.compile`, or not): 1.00 or less means no slower.
 
     KERAS_BACKEND=tensorflow python bench/bench_layer.py            # CPU table
     KERAS_BACKEND=jax python bench/bench_layer.py
+    KERAS_BACKEND=torch python bench/bench_layer.py --shapes cpu,nd
     KERAS_BACKEND=jax python bench/bench_layer.py --shapes gpu --floor \
         --dtypes float32,bfloat16 --peers flax,torch --inner 20 --repeats 10
 """

@@ -143,8 +143,15 @@ def test_integer_inputs(rng, tmp_path):
     randomize_bn(model, rng)
     report = export_onnx(model, tmp_path / "m.onnx", benchmark=True)
     assert report.max_rel_error <= RTOL and report.fold_report.num_folded == 1
-    # The gather's index handling has its own Mul; the BN's is gone.
-    assert report.nodes.get("Mul", 0) == report.baseline_nodes.get("Mul", 0) - 1
+    # The BN's Mul is gone. With tf2onnx the baseline comes from the same
+    # exporter, whose gather index handling has its own Mul: exactly one less.
+    # Elsewhere Keras's export is another exporter (JAX: through TensorFlow):
+    # no more than one less.
+    mul, baseline_mul = report.nodes.get("Mul", 0), report.baseline_nodes.get("Mul", 0)
+    if ROUTE == "tf2onnx":
+        assert mul == baseline_mul - 1
+    else:
+        assert mul <= baseline_mul - 1
 
 
 def test_normalization_constants_are_folded_not_inputs(rng, tmp_path):

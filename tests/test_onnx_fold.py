@@ -242,12 +242,21 @@ def _keras_models():
     }
 
 
-@pytest.mark.skipif(
-    __import__("keras").backend.backend() == "jax",
-    reason="fold_onnx does not yet fold every scale and shift of Keras's own "
-    "export on JAX (a Mul is left)",
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dense",
+        "conv1d",
+        pytest.param(
+            "conv2d_transpose",
+            marks=pytest.mark.skipif(
+                __import__("keras").backend.backend() == "jax",
+                reason="fold_onnx does not yet fold the BN after a ConvTranspose "
+                "in Keras's own export on JAX (a Mul is left)",
+            ),
+        ),
+    ],
 )
-@pytest.mark.parametrize("name", ["dense", "conv1d", "conv2d_transpose"])
 def test_folds_keras_own_unfolded_export(rng, tmp_path, name):
     """Keras's `model.export(format="onnx")` leaves each BN as Mul and Add."""
     import keras

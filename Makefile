@@ -28,11 +28,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PY) examples/demo.py
 
-# On PyTorch the suite runs the layer's and the kernel's tests, the files that
-# pass there in full so far (the converters', callbacks' and the rest are next).
+# On PyTorch the suite runs the files that pass there in full so far: the
+# layer's, the kernel's and the converters' (the callbacks' and the rest are next).
 TORCH_TESTS = tests/test_kernels.py tests/test_backend.py tests/test_ddp.py \
 	tests/test_ghost_batches.py tests/test_unbiased_variance.py \
-	tests/test_masked_statistics.py
+	tests/test_masked_statistics.py \
+	tests/test_export_onnx.py tests/test_cli.py tests/test_fold_batchnorm.py \
+	tests/test_fold_keras_fuzz.py tests/test_fold_weights.py \
+	tests/test_onnx_fold.py tests/test_tf_convert.py tests/test_io.py \
+	tests/test_deps.py
 
 test: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/codespell

@@ -117,7 +117,7 @@ def test_fold_then_inspect(model_file, tmp_path, capsys):
 
 
 @E2E
-def test_export_inspect_and_verification_failure(model_file, tmp_path):
+def test_export_inspect_and_verification_failure(model_file, tmp_path, capsys):
     route = route_or_skip()
     out = tmp_path / "m.onnx"
     proc = run_cli("export", model_file, "-o", out, "--samples", "4")
@@ -126,11 +126,12 @@ def test_export_inspect_and_verification_failure(model_file, tmp_path):
     # Quiet by default: nothing on stderr but the progress lines.
     assert messages(proc.stderr) == [], proc.stderr
     assert f"keras-bn: converting with {route} ... " in proc.stderr
-    proc = run_cli("inspect", out)  # folded already: no BN node left
-    assert proc.returncode == 0 and "0 BatchNormalization node(s)" in proc.stdout
+    # The rest in this process (a fresh one per command costs a backend import).
+    code, stdout, _ = call_main(capsys, "inspect", out)  # folded: no BN node left
+    assert code == 0 and "0 BatchNormalization node(s)" in stdout
     bad = tmp_path / "bad.onnx"  # float32 folding is never exact to 1e-12
-    proc = run_cli("export", model_file, "-o", bad, "--rtol", "1e-12")
-    assert_one_line_error(proc, 1, "verification failed")
+    result = call_main(capsys, "export", model_file, "-o", bad, "--rtol", "1e-12")
+    assert_contract(result, 1, "verification failed")
     assert not bad.exists() and sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
@@ -919,7 +920,11 @@ def test_version_and_help_defaults(capsys):
     code, out, _ = call_main(capsys, "export", "--help")
     assert code == 0
     flat = " ".join(out.split())
-    for shown in ("(default: 17)", "(default: 16)", "(default: auto)"):
+    opset_default = (
+        "(default: the exporter's own, 17 with tf2onnx, 18 with jax2onnx and "
+        "torch.onnx)"
+    )
+    for shown in (opset_default, "(default: 16)", "(default: auto)"):
         assert shown in flat, out
 
 

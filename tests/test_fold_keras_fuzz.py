@@ -193,7 +193,8 @@ def _randomize(model, rng):
 
 
 def _rel_err(a, b):
-    a, b = np.asarray(a, "float64"), np.asarray(b, "float64")
+    a = np.asarray(keras.ops.convert_to_numpy(a), "float64")
+    b = np.asarray(keras.ops.convert_to_numpy(b), "float64")
     scale = np.abs(b).max()
     return np.abs(a - b).max() / scale if scale else np.abs(a).max()
 

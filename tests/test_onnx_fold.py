@@ -242,11 +242,21 @@ def _keras_models():
     }
 
 
-@pytest.mark.skipif(
-    __import__("keras").backend.backend() != "tensorflow",
-    reason="tf2onnx export: TensorFlow backend only",
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dense",
+        "conv1d",
+        pytest.param(
+            "conv2d_transpose",
+            marks=pytest.mark.skipif(
+                __import__("keras").backend.backend() == "jax",
+                reason="fold_onnx does not yet fold the BN after a ConvTranspose "
+                "in Keras's own export on JAX (a Mul is left)",
+            ),
+        ),
+    ],
 )
-@pytest.mark.parametrize("name", ["dense", "conv1d", "conv2d_transpose"])
 def test_folds_keras_own_unfolded_export(rng, tmp_path, name):
     """Keras's `model.export(format="onnx")` leaves each BN as Mul and Add."""
     import keras
@@ -258,7 +268,8 @@ def test_folds_keras_own_unfolded_export(rng, tmp_path, name):
                 v.assign(rng.normal(size=8))
             layer.moving_variance.assign(rng.uniform(0.3, 3.0, size=8))
     x = rng.normal(size=(5, *model.inputs[0].shape[1:])).astype("float32")
-    ref = np.asarray(model(x, training=False))  # Keras's export needs a call
+    # Keras's export needs a call.
+    ref = keras.ops.convert_to_numpy(model(x, training=False))
     path = tmp_path / "keras.onnx"
     model.export(str(path), format="onnx", verbose=False)
     original = onnx.load(str(path))

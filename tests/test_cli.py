@@ -928,12 +928,10 @@ def test_version_and_help_defaults(capsys):
         assert shown in flat, out
 
 
-def test_version_in_a_fresh_process_is_fast():
-    start = time.perf_counter()
+def test_version_in_a_fresh_process_is_quiet():
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("keras-bn ")
     assert "tensorflow" not in proc.stderr.lower()
-    assert time.perf_counter() - start < 30  # imports no backend (~0.4 s idle)
 
 
 def test_library_logs_quiet_unless_verbose(tmp_path, capsys, monkeypatch):

@@ -69,7 +69,7 @@ if __package__ in (None, ""):  # a script: import sibling examples relatively
 import keras  # noqa: E402
 
 from .inception_model import build_inception  # noqa: E402
-from .mnist import load_mnist  # noqa: E402
+from .mnist import compile_options, load_mnist  # noqa: E402
 
 BASELINE_LR = 0.03  # default when no --sweep is given
 MOMENTUM = 0.9
@@ -314,7 +314,7 @@ def train_config(
         ),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
-        jit_compile=True,
+        **compile_options(),
     )
     order = _data_order(len(x_train), steps * batch_size, seed, cfg.reshuffle)
     curve, done, stop, start = [], 0, "cap", time.perf_counter()

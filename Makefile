@@ -28,11 +28,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PY) examples/demo.py
 
-# On PyTorch the suite runs the layer's and the kernel's tests, the files that
-# pass there in full so far (the converters', callbacks' and the rest are next).
+# On PyTorch the suite runs the files that pass there in full so far: the
+# layer's, the kernel's, replace_batchnorm's, the examples', the benchmarks' and
+# packaging's (the converters' and callbacks' are next).
 TORCH_TESTS = tests/test_kernels.py tests/test_backend.py tests/test_ddp.py \
 	tests/test_ghost_batches.py tests/test_unbiased_variance.py \
-	tests/test_masked_statistics.py
+	tests/test_masked_statistics.py tests/test_replace.py tests/test_keras_hub.py \
+	tests/test_inception_mnist.py tests/test_mnist_sigmoid.py \
+	tests/test_mnist_loader.py tests/test_bench.py tests/test_bench_layer.py \
+	tests/test_bench_resnet.py tests/test_readme.py tests/test_packaging.py \
+	tests/test_multiworker.py
 
 test: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/codespell

@@ -945,7 +945,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--threads",
         type=int,
         default=None,
-        help="TensorFlow intra-op threads (TensorFlow backend only)",
+        help="intra-op threads (TensorFlow and torch backends)",
     )
     parser.add_argument("--no-plot", action="store_true", help="skip curves.png")
     args = parser.parse_args(argv)
@@ -954,6 +954,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
+    elif args.threads and keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.merge:
         merge(args.out, args.merge, args.seeds, args.lr, not args.no_plot, args.smooth)
         print((Path(args.out) / "results.md").read_text())

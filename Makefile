@@ -28,15 +28,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PY) examples/demo.py
 
-# On PyTorch the suite runs the files that pass there in full so far: the
-# layer's, the kernel's and the converters' (the callbacks' and the rest are next).
+# On PyTorch the suite runs the files that pass there in full so far.
 TORCH_TESTS = tests/test_kernels.py tests/test_backend.py tests/test_ddp.py \
 	tests/test_ghost_batches.py tests/test_unbiased_variance.py \
 	tests/test_masked_statistics.py \
 	tests/test_export_onnx.py tests/test_cli.py tests/test_fold_batchnorm.py \
 	tests/test_fold_keras_fuzz.py tests/test_fold_weights.py \
 	tests/test_onnx_fold.py tests/test_tf_convert.py tests/test_io.py \
-	tests/test_deps.py
+	tests/test_deps.py tests/test_replace.py tests/test_keras_hub.py \
+	tests/test_inception_mnist.py tests/test_mnist_sigmoid.py \
+	tests/test_mnist_loader.py tests/test_bench.py tests/test_bench_layer.py \
+	tests/test_bench_resnet.py tests/test_readme.py tests/test_packaging.py \
+	tests/test_multiworker.py
 
 test: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/codespell

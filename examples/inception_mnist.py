@@ -69,7 +69,7 @@ if __package__ in (None, ""):  # a script: import sibling examples relatively
 import keras  # noqa: E402
 
 from .inception_model import build_inception  # noqa: E402
-from .mnist import load_mnist  # noqa: E402
+from .mnist import compile_options, load_mnist  # noqa: E402
 
 BASELINE_LR = 0.03  # default when no --sweep is given
 MOMENTUM = 0.9
@@ -314,7 +314,7 @@ def train_config(
         ),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
-        jit_compile=True,
+        **compile_options(),
     )
     order = _data_order(len(x_train), steps * batch_size, seed, cfg.reshuffle)
     curve, done, stop, start = [], 0, "cap", time.perf_counter()
@@ -945,7 +945,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--threads",
         type=int,
         default=None,
-        help="TensorFlow intra-op threads (TensorFlow backend only)",
+        help="intra-op threads (TensorFlow and torch backends)",
     )
     parser.add_argument("--no-plot", action="store_true", help="skip curves.png")
     args = parser.parse_args(argv)
@@ -954,6 +954,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
+    elif args.threads and keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.merge:
         merge(args.out, args.merge, args.seeds, args.lr, not args.no_plot, args.smooth)
         print((Path(args.out) / "results.md").read_text())

@@ -71,3 +71,19 @@ def load_mnist(flatten: bool = True, normalize: bool = True):
         x = x.reshape(len(x), 784) if flatten else x.reshape(len(x), 28, 28, 1)
         out.append((x, y))
     return tuple(out)
+
+
+def compile_options(steps_per_execution: int = 1) -> dict:
+    """The `model.compile` keywords the MNIST examples train with.
+
+    On TensorFlow and JAX: XLA (`jit_compile=True`) and `steps_per_execution`
+    steps per call. On torch: eager steps (Keras's default there), one per
+    call (the only value Keras's torch trainer accepts). `torch.compile`
+    compiles the step again for each new model, which on a CPU takes minutes
+    per model, longer than these small networks train.
+    """
+    import keras
+
+    if keras.backend.backend() == "torch":
+        return {"jit_compile": False, "steps_per_execution": 1}
+    return {"jit_compile": True, "steps_per_execution": steps_per_execution}

@@ -49,7 +49,7 @@ import numpy as np
 import keras_bn
 from keras_bn.callbacks import ActivationStatistics
 
-from .mnist import load_mnist
+from .mnist import compile_options, load_mnist
 
 MODELS = ("baseline", "batchnorm")
 BATCH_SIZE = 60
@@ -193,8 +193,7 @@ def train_one(name, data, steps, eval_every, seed, learning_rate, unit):
         optimizer=keras.optimizers.SGD(learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
-        jit_compile=True,
-        steps_per_execution=math.gcd(eval_every, 100),
+        **compile_options(steps_per_execution=math.gcd(eval_every, 100)),
     )
     stats, inference_stats = (
         ActivationStatistics(

@@ -5,7 +5,7 @@ model's nested input structure, to list a layer's sublayers, or to put one
 sublayer in the place of another. The folding and replacing code needs all
 four, so they live here: a Keras upgrade that renames `_nodes_by_depth`,
 `_inbound_nodes`, `_keras_history`, `_inputs_struct`, `_flatten_layers`,
-`_layers` or `_tracker` touches this file only. (The one
+`_layers`, `_tracker` or `_torch_params` touches this file only. (The one
 other private name the package reads is the JAX trainer's `_jax_state`, in
 `keras_bn/backend/jax.py`, where backend code belongs.)
 """
@@ -77,7 +77,11 @@ def replace_sublayer(parent, old, new) -> list[str]:
     """
     store = parent._layers
     found = []
-    for name, value in list(vars(parent).items()):
+    attributes = dict(vars(parent))
+    # On torch a layer is a `torch.nn.Module`: the layers it holds directly as
+    # attributes live in its `_modules` dict, not in the instance dict.
+    modules = attributes.pop("_modules", None)
+    for name, value in attributes.items():
         if value is store or name in ("_tracker", "_inbound_nodes", "_outbound_nodes"):
             continue
         new_value, paths = _substitute(value, old, new, name)
@@ -85,9 +89,28 @@ def replace_sublayer(parent, old, new) -> list[str]:
             found.extend(paths)
             if new_value is not value:
                 object.__setattr__(parent, name, new_value)
+    for name, value in list((modules or {}).items()):
+        new_value, paths = _substitute(value, old, new, name)
+        if paths:
+            found.extend(paths)
+            if new_value is not value:
+                dict.__setitem__(modules, name, new_value)  # no re-tracking
     if found:
         parent._tracker.replace_tracked_value("layers", old, new)
     return found
+
+
+def retrack_torch_params(model) -> None:
+    """On torch, makes `model.parameters()` list the variables it now holds.
+
+    Each built layer keeps its variables (its sublayers' included) in a
+    `torch.nn.ParameterDict` made at build; a sublayer swapped in place after
+    that would leave the swapped-out layer's variables there, in what torch
+    code (a torch optimizer, DDP) reads. A no-op on the other backends.
+    """
+    for layer in [model, *sublayers(model)]:
+        if hasattr(layer, "_torch_params"):
+            layer._track_variables()
 
 
 def _substitute(value, old, new, path):

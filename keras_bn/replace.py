@@ -267,6 +267,7 @@ def _swap_held(model, to_keras_bn: bool, report: ReplaceReport) -> None:
                 "(created inside `call`?)"
             )
             report.kept.append((path, why))
+    _keras_graph.retrack_torch_params(model)
 
 
 def _new_bn(layer, to_keras_bn: bool):

@@ -1,5 +1,6 @@
 """Tests for converters.bench.bench_latency on tiny ONNX graphs."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -8,6 +9,13 @@ pytest.importorskip("onnxruntime", reason="pip install onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from converters.bench import bench_latency  # noqa: E402
+
+# Backend-independent (ONNX Runtime timings of ONNX files): one backend runs it.
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="backend-independent ONNX Runtime benchmark helpers: runs on the TensorFlow "
+    "backend only, to save CI time",
+)
 
 
 def _write(path, n_matmuls):

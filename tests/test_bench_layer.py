@@ -3,12 +3,20 @@
 import importlib.util
 import pathlib
 
+import keras
 import pytest
 
 _PATH = pathlib.Path(__file__).parent.parent / "bench" / "bench_layer.py"
 _spec = importlib.util.spec_from_file_location("bench_layer", _PATH)
 bench_layer = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_layer)
+
+# Backend-independent (the summary of timings given as numbers): one backend runs it.
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="backend-independent benchmark summary: runs on the TensorFlow "
+    "backend only, to save CI time",
+)
 
 
 def test_peer_ratios_fastest_peer_any_mode_and_same_mode():

@@ -55,7 +55,10 @@ def test_table_gives_bn_cost_against_the_no_bn_limit():
 
 def test_time_steps_trains_and_times_each_model(rng):
     if not JAX:
-        pytest.skip("bench_resnet.py times a jax.jit step")
+        pytest.skip(
+            "bench_resnet.py is a JAX benchmark: it times a jax.jit-compiled "
+            "stateless step, which this backend lacks"
+        )
     models = {
         "Keras BN": _tiny(),
         "keras_bn": _tiny(keras_bn.BatchNormalization),

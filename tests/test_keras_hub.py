@@ -25,11 +25,6 @@ from keras_bn.replace import batchnorm_scope  # noqa: E402
 from tests.zoo.hub_models import HUB  # noqa: E402
 from tests.zoo.pipeline import RTOL, randomize_bn, rel  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() not in ("tensorflow", "jax"),
-    reason="the keras_hub models here are checked on TensorFlow and JAX only",
-)
-
 # One per custom-layer family; "clone": the config does not rebuild the model
 # (EfficientNetBackbone's config omits `num_features`), so the copy is cloned.
 FAST = {

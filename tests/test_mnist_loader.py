@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import keras
 import numpy as np
 import pytest
 
@@ -14,6 +15,13 @@ pytest.importorskip(
 pytest.importorskip("zarr", reason="pip install zarr")
 
 from examples import mnist  # noqa: E402
+
+# Backend-independent (NumPy arrays read from a file): one backend runs it.
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="backend-independent MNIST file loader: runs on the TensorFlow "
+    "backend only, to save CI time",
+)
 
 
 @pytest.fixture(scope="module")

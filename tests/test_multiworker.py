@@ -97,7 +97,9 @@ def results(tmp_path_factory):
     backend = keras.backend.backend()
     if backend not in ("tensorflow", "jax"):
         pytest.skip(
-            f"no multi-process run for the {backend} backend here (torch: test_ddp.py)"
+            f"the {backend} backend has no multi-worker strategy or "
+            "keras.distribution to run these workers with; torch's multi-process "
+            "training (DistributedDataParallel) is tested in tests/test_ddp.py"
         )
     out = tmp_path_factory.mktemp(f"multiworker_{backend}")
     _run_workers(backend, out)

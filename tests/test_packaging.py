@@ -26,6 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 RTOL = 1e-5
 
+# Backend-independent (package metadata, layout, imports): run on the TensorFlow
+# backend only, to save CI time.
+_ONE_BACKEND = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="backend-independent packaging check: runs on the TensorFlow backend "
+    "only, to save CI time",
+)
+
 
 def _run(code: str, *args, cwd, env=None) -> subprocess.CompletedProcess:
     """Runs `python -c code` with only the checkout's root on PYTHONPATH."""
@@ -51,6 +59,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     return found
 
 
+@_ONE_BACKEND
 def test_license_and_build_system():
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
@@ -63,6 +72,7 @@ def test_license_and_build_system():
     assert project["scripts"] == {"keras-bn": "keras_bn.converters.cli:main"}
 
 
+@_ONE_BACKEND
 def test_extras_match_features():
     extras = PYPROJECT["project"]["optional-dependencies"]
 
@@ -80,6 +90,7 @@ def test_extras_match_features():
         assert tool not in runtime
 
 
+@_ONE_BACKEND
 def test_wheel_installs_keras_bn_only(tmp_path):
     setuptools = pytest.importorskip("setuptools")
     if int(setuptools.__version__.split(".")[0]) < 77:
@@ -112,6 +123,7 @@ def _version() -> str:
     return keras_bn.__version__
 
 
+@_ONE_BACKEND
 def test_converters_import_each_other_relatively():
     """Inside converters/, `converters.x` exists only in a checkout: an
     installed wheel has `keras_bn.converters.x`. keras_bn/ uses that name."""
@@ -125,6 +137,7 @@ def test_converters_import_each_other_relatively():
     assert not bad, "absolute `converters` imports:\n" + "\n".join(bad)
 
 
+@_ONE_BACKEND
 def test_one_copy_of_each_module_in_a_checkout(tmp_path):
     code = (
         "import converters.affine, converters, sys\n"
@@ -173,6 +186,7 @@ def test_folded_keras_with_channel_affine_loads_after_import_keras_bn(tmp_path):
     np.testing.assert_allclose(np.load(out), expected, RTOL, 1e-6)
 
 
+@_ONE_BACKEND
 def test_examples_import_siblings_without_a_top_level_examples(tmp_path):
     """tf2onnx installs a top-level `examples` package; the scripts must not
     import theirs by that name."""

@@ -186,12 +186,10 @@ class _Holder(keras.layers.Layer):
             self.bns = {bn()}
 
     def _all(self):
-        return [
-            la
-            for la in keras.tree.flatten(
-                {k: v for k, v in vars(self).items() if k in ("bn", "bns")}
-            )
-        ] or list(getattr(self, "bns", ()))
+        # getattr, not vars(): on torch a layer held directly as an attribute
+        # lives in the torch module's `_modules`, not in the instance dict.
+        held = {k: getattr(self, k) for k in ("bn", "bns") if hasattr(self, k)}
+        return list(keras.tree.flatten(held)) or list(getattr(self, "bns", ()))
 
     def call(self, x, training=None):
         x = self.dense(x)
@@ -243,6 +241,10 @@ def test_bn_held_by_custom_layer_is_swapped(rng, how, captured):
             what=f"training step {step}",
         )
     assert [id(la) for la in _bn_layers(model)] != [id(la) for la in bns]
+    if keras.backend.backend() == "torch":
+        # What a torch optimizer or DDP reads: the copy's variables, each once.
+        params = [id(p) for p in new.parameters()]
+        assert sorted(params) == sorted(id(w.value) for w in new.weights)
 
 
 def test_bn_that_cannot_be_swapped_is_reported(rng):

@@ -141,8 +141,17 @@ def applications(specs, blocks: int, rounds: int, tmp: str) -> None:
     )
 
     rng = np.random.default_rng(0)
-    load = os.getloadavg()
-    rows, failed = [], []
+    load = os.getloadavg()[0]
+    print(
+        f"{keras.backend.backend()}; batch 1, 1 thread, {blocks} blocks x "
+        f"{rounds} rounds; load average (1 min) {load:.1f} at the start"
+    )
+    print(
+        "| model | nodes (Keras / ours) | Keras export (ms) | ours (ms) "
+        "| ratio [95% CI] | A/A [95% CI] | parity |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    notes = []
     for spec in specs:
         name, _, size = spec.partition(":")
         size = int(size or 224)
@@ -155,10 +164,11 @@ def applications(specs, blocks: int, rounds: int, tmp: str) -> None:
         try:
             report = export_onnx(model, path, samples=2, overwrite=True)
         except Exception as e:  # noqa: BLE001 - report it, time the others
-            failed.append(f"{name} {size}px: {type(e).__name__}: {str(e)[:200]}")
+            notes.append(f"{name} {size}px: export failed: {type(e).__name__}: {e}")
             continue
         x = [rng.normal(size=(1, size, size, 3)).astype("float32")]
         what, base = keras_baseline(model, input_specs(model), report.opset, x)
+        notes.append(f"{name} {size}px: baseline {what}")
         with open(path, "rb") as f:
             ours = f.read()
         files = [ours, base.SerializeToString(), base.SerializeToString()]
@@ -171,41 +181,18 @@ def applications(specs, blocks: int, rounds: int, tmp: str) -> None:
             blocks=blocks,
             rounds=rounds,
         )
-        ratio = median_ratio(t[..., 1], t[..., 0])
+        r = median_ratio(t[..., 1], t[..., 0])
         aa = median_ratio(t[..., 1], t[..., 2])
-        rows.append(
-            (
-                f"{name} {size}px",
-                report,
-                base_nodes,
-                np.median(t[..., 1]),
-                np.median(t[..., 0]),
-                ratio,
-                aa,
-                what,
-            )
-        )
-    load = (*load, *os.getloadavg())
-    print(
-        f"{keras.backend.backend()}; batch 1, 1 thread, "
-        f"{blocks} blocks x {rounds} rounds; load average (1 min) "
-        f"{load[0]:.1f} before, {load[3]:.1f} after"
-    )
-    print(
-        "| model | nodes (Keras / ours) | Keras export (ms) | ours (ms) "
-        "| ratio [95% CI] | A/A [95% CI] | parity |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, report, base_nodes, b_ms, a_ms, r, aa, _ in rows:
         print(
-            f"| {name} | {base_nodes} / {sum(report.nodes.values())} | "
-            f"{b_ms:.3f} | {a_ms:.3f} | {r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}] | "
-            f"{aa[0]:.3f} [{aa[1]:.3f}, {aa[2]:.3f}] | {report.max_rel_error:.1e} |"
+            f"| {name} {size}px | {base_nodes} / {sum(report.nodes.values())} | "
+            f"{np.median(t[..., 1]):.3f} | {np.median(t[..., 0]):.3f} | "
+            f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}] | "
+            f"{aa[0]:.3f} [{aa[1]:.3f}, {aa[2]:.3f}] | {report.max_rel_error:.1e} |",
+            flush=True,
         )
-    for name, *_, what in rows:
-        print(f"baseline of {name}: {what}")
-    for line in failed:
-        print(f"export failed: {line}")
+    print(f"load average (1 min) {os.getloadavg()[0]:.1f} at the end")
+    for line in notes:
+        print(line[:300])
 
 
 def main(argv=None) -> None:

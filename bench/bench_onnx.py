@@ -12,6 +12,20 @@ is `model.export(path, format="onnx")` (Keras 3, unfolded) on the same model.
 Prints a markdown table; "A/A noise" is the Keras export timed against
 itself with the same protocol (1.00x ideally): ratios within that distance of
 1 are noise.
+
+`--applications MobileNetV2:96 ResNet50:64 ...` times `keras.applications`
+models instead (random weights and batch-normalization statistics, keras_bn's
+layer, input size after the colon) on any backend, the way `export_onnx(...,
+benchmark=True)` does: our file against Keras's own `model.export(format=
+"onnx")` of the same weights with Keras's `BatchNormalization` (through
+`keras_baseline`), batch 1, one thread, `--blocks` blocks of fresh sessions
+(ours, Keras's, Keras's again for the A/A control) with `--rounds`
+interleaved calls each. The ratio is the median of the paired per-call
+ratios (Keras's time over ours: above 1, our file is faster) with a
+bootstrap 95% interval:
+
+    KERAS_BACKEND=jax .venv/bin/python bench/bench_onnx.py \
+        --applications MobileNetV2:96 ResNet50:64 EfficientNetB0:64
 """
 
 from __future__ import annotations
@@ -28,7 +42,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_bn.converters import export_onnx  # noqa: E402
-from keras_bn.converters.bench import bench_latency, latency_ms  # noqa: E402
+from keras_bn.converters.bench import (  # noqa: E402
+    bench_latency,
+    blocked_latency_ms,
+    latency_ms,
+    median_ratio,
+)
 
 L = keras.layers
 
@@ -98,14 +117,82 @@ def small_convnet():
     )
 
 
-def randomize(model, rng):
-    for layer in model.layers:
+def randomize(model, rng, layers=None):
+    """Random statistics, scale and shift for the model's BatchNormalization
+    layers (`layers`: those to change instead of `model.layers`)."""
+    for layer in model.layers if layers is None else layers:
         if isinstance(layer, L.BatchNormalization):
             c = layer.moving_mean.shape[0]
             layer.moving_mean.assign(rng.normal(size=c))
             layer.moving_variance.assign(rng.uniform(0.5, 2.0, size=c))
             layer.gamma.assign(rng.normal(size=c))
             layer.beta.assign(rng.normal(size=c))
+
+
+def applications(specs, blocks: int, rounds: int, tmp: str) -> None:
+    """Latency of `keras.applications` models: our file vs Keras's export."""
+    import keras_bn
+    from keras_bn.converters.export import (
+        _feed,
+        _session,
+        input_specs,
+        keras_baseline,
+        node_counts,
+    )
+
+    rng = np.random.default_rng(0)
+    load = os.getloadavg()[0]
+    print(
+        f"{keras.backend.backend()}; batch 1, 1 thread, {blocks} blocks x "
+        f"{rounds} rounds; load average (1 min) {load:.1f} at the start"
+    )
+    print(
+        "| model | nodes (Keras / ours) | Keras export (ms) | ours (ms) "
+        "| ratio [95% CI] | A/A [95% CI] | parity |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    notes = []
+    for spec in specs:
+        name, _, size = spec.partition(":")
+        size = int(size or 224)
+        model = getattr(keras.applications, name)(
+            weights=None, input_shape=(size, size, 3)
+        )
+        randomize(model, rng, model._flatten_layers(include_self=False))
+        model = keras_bn.replace_batchnorm(model)
+        path = os.path.join(tmp, f"{name}.onnx")
+        try:
+            report = export_onnx(model, path, samples=2, overwrite=True)
+        except Exception as e:  # noqa: BLE001 - report it, time the others
+            notes.append(f"{name} {size}px: export failed: {type(e).__name__}: {e}")
+            continue
+        x = [rng.normal(size=(1, size, size, 3)).astype("float32")]
+        what, base = keras_baseline(model, input_specs(model), report.opset, x)
+        notes.append(f"{name} {size}px: baseline {what}")
+        with open(path, "rb") as f:
+            ours = f.read()
+        files = [ours, base.SerializeToString(), base.SerializeToString()]
+        base_nodes = sum(node_counts(base).values())
+        del base
+        feeds = [_feed(_session(f), x) for f in files]
+        t = blocked_latency_ms(
+            lambda order, files=files: [_session(files[k]) for k in order],
+            feeds,
+            blocks=blocks,
+            rounds=rounds,
+        )
+        r = median_ratio(t[..., 1], t[..., 0])
+        aa = median_ratio(t[..., 1], t[..., 2])
+        print(
+            f"| {name} {size}px | {base_nodes} / {sum(report.nodes.values())} | "
+            f"{np.median(t[..., 1]):.3f} | {np.median(t[..., 0]):.3f} | "
+            f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}] | "
+            f"{aa[0]:.3f} [{aa[1]:.3f}, {aa[2]:.3f}] | {report.max_rel_error:.1e} |",
+            flush=True,
+        )
+    print(f"load average (1 min) {os.getloadavg()[0]:.1f} at the end")
+    for line in notes:
+        print(line[:300])
 
 
 def main(argv=None) -> None:
@@ -118,7 +205,19 @@ def main(argv=None) -> None:
         help="fewer runs for slow cases: about this long per case",
     )
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 256])
+    ap.add_argument(
+        "--applications",
+        nargs="+",
+        metavar="NAME:SIZE",
+        help="time keras.applications models (e.g. MobileNetV2:96) instead",
+    )
+    ap.add_argument("--blocks", type=int, default=8, help="with --applications")
+    ap.add_argument("--rounds", type=int, default=40, help="with --applications")
     args = ap.parse_args(argv)
+    if args.applications:
+        with tempfile.TemporaryDirectory() as tmp:
+            applications(args.applications, args.blocks, args.rounds, tmp)
+        return
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,9 @@ fold_onnx, check, verify on `--samples` random inputs); `keras` is Keras's
 own `model.export(format="onnx")` of the same model with Keras's layer (after
 one call, which its export needs). Random weights; the script prints the
 process's peak RSS before and after the export, and `ExportReport`'s numbers.
+For `ours`, a thread samples the resident memory every 5 ms and the script
+prints the highest sample within each stage of `export_onnx` (its `progress`
+callback) and the resident memory when the stage ends.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -33,6 +37,44 @@ import numpy as np  # noqa: E402
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class StageMemory:
+    """`progress` callback: the highest resident memory seen in each stage
+    (sampled every `interval` seconds) and the resident memory at its end."""
+
+    def __init__(self, interval: float = 0.005):
+        self.rows = []  # (stage, peak MiB, end MiB, seconds)
+        self._peak = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(interval,))
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _sample(self, interval):
+        while not self._stop.wait(interval):
+            rss = _rss_mb()
+            with self._lock:
+                self._peak = max(self._peak, rss)
+
+    def __call__(self, stage, seconds):
+        rss = _rss_mb()
+        with self._lock:
+            if seconds is None:
+                self._peak = rss
+                return
+            peak = max(self._peak, rss)
+        self.rows.append((stage, peak, rss, seconds))
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
 
 
 def main(argv=None) -> int:
@@ -58,7 +100,14 @@ def main(argv=None) -> int:
         if args.which == "ours":
             from keras_bn.converters import export_onnx
 
-            report = export_onnx(model, path, samples=args.samples)
+            stages = StageMemory()
+            report = export_onnx(model, path, samples=args.samples, progress=stages)
+            stages.close()
+            for stage, peak, end, seconds in stages.rows:
+                print(
+                    f"stage {stage:9s} {seconds:6.1f} s  peak {peak:6.0f} MiB  "
+                    f"end {end:6.0f} MiB"
+                )
             print(
                 f"report: peak {report.peak_rss_mb:.0f} MiB, "
                 f"+{report.rss_increase_mb:.0f}"

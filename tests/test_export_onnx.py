@@ -770,6 +770,47 @@ def test_memory_is_reported(rng, tmp_path):
     assert "peak RSS" in str(report)
 
 
+def test_verification_runs_a_few_samples_at_a_time(rng, tmp_path, monkeypatch):
+    from converters import export as export_module
+
+    calls = []
+    chunked = export_module._in_chunks
+
+    def record(fn, arrays, rows):
+        out = chunked(fn, arrays, rows)
+        calls.append((len(arrays[0]), rows))
+        return out
+
+    monkeypatch.setattr(export_module, "_in_chunks", record)
+    model = MODELS["dense"]()
+    randomize_bn(model, rng)
+    report = export_onnx(model, tmp_path / "m.onnx", samples=10)
+    assert report.max_rel_error <= report.rtol
+    assert calls and all(r == export_module.VERIFY_ROWS for _, r in calls)
+
+
+def test_in_chunks_concatenates_or_falls_back():
+    from converters.export import _in_chunks
+
+    x = np.arange(10.0).reshape(10, 1)
+    seen = []
+
+    def double(arrays):
+        seen.append(len(arrays[0]))
+        return [arrays[0] * 2]
+
+    np.testing.assert_array_equal(_in_chunks(double, [x], 4)[0], x * 2)
+    assert seen == [4, 4, 2]
+    seen.clear()
+
+    def total(arrays):  # no batch dimension in the output: all at once
+        seen.append(len(arrays[0]))
+        return [arrays[0].sum()]
+
+    assert _in_chunks(total, [x], 4)[0] == x.sum()
+    assert seen[-1] == 10
+
+
 def test_missing_exporter_says_what_to_install(tmp_path, monkeypatch):
     import sys
 

@@ -67,3 +67,45 @@ def test_optimizer_loop_that_stops_early_is_finished(monkeypatch):
     got = node_counts(_convert(model))
     assert got == expected
     assert len(calls) >= 2  # tf2onnx's loop, then ours
+
+
+def test_optimizers_run_without_graph_copies(monkeypatch):
+    # tf2onnx deep-copies the graph before each optimizer unless told not to
+    # catch errors: each copy holds the weights again.
+    import tf2onnx.optimizer as tf2onnx_optimizer
+
+    full = tf2onnx_optimizer.optimize_graph
+    catch = []
+
+    def record(graph, catch_errors=True, optimizers=None):
+        catch.append(catch_errors)
+        return full(graph, catch_errors, optimizers=optimizers)
+
+    monkeypatch.setattr(tf2onnx_optimizer, "optimize_graph", record)
+    keras.utils.set_random_seed(0)
+    _convert(_mobilenet_head())
+    assert catch and not any(catch)
+
+
+def test_failing_optimizer_falls_back_to_tf2onnx_default(monkeypatch):
+    import os
+
+    import tf2onnx.optimizer as tf2onnx_optimizer
+
+    keras.utils.set_random_seed(0)
+    model = _mobilenet_head()
+    expected = node_counts(_convert(model))
+    full = tf2onnx_optimizer.optimize_graph
+    catch = []
+
+    def fail_without_catching(graph, catch_errors=True, optimizers=None):
+        catch.append(catch_errors)
+        if not catch_errors:
+            raise RuntimeError("an optimizer failed")
+        return full(graph, catch_errors, optimizers=optimizers)
+
+    monkeypatch.setattr(tf2onnx_optimizer, "optimize_graph", fail_without_catching)
+    monkeypatch.delenv("TF2ONNX_CATCH_ERRORS", raising=False)
+    assert node_counts(_convert(model)) == expected
+    assert False in catch and True in catch
+    assert "TF2ONNX_CATCH_ERRORS" not in os.environ

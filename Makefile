@@ -28,11 +28,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PY) examples/demo.py
 
-# On PyTorch the suite runs the layer's and the kernel's tests, the files that
-# pass there in full so far (the converters', callbacks' and the rest are next).
+# On PyTorch the suite runs the layer's, the kernel's, recalibrate's and the
+# callbacks' writers' tests, the files that pass there in full so far (the
+# converters', the statistics callbacks' and the rest are next).
 TORCH_TESTS = tests/test_kernels.py tests/test_backend.py tests/test_ddp.py \
 	tests/test_ghost_batches.py tests/test_unbiased_variance.py \
-	tests/test_masked_statistics.py
+	tests/test_masked_statistics.py tests/test_recalibrate.py \
+	tests/test_callback_writers.py
 
 test: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/codespell

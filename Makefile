@@ -39,7 +39,8 @@ TORCH_TESTS = tests/test_kernels.py tests/test_backend.py tests/test_ddp.py \
 	tests/test_inception_mnist.py tests/test_mnist_sigmoid.py \
 	tests/test_mnist_loader.py tests/test_bench.py tests/test_bench_layer.py \
 	tests/test_bench_resnet.py tests/test_readme.py tests/test_packaging.py \
-	tests/test_multiworker.py
+	tests/test_multiworker.py tests/test_recalibrate.py \
+	tests/test_callback_writers.py
 
 test: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/codespell

@@ -5,7 +5,9 @@ This is the route Keras's own `model.export(format="onnx")` takes on JAX:
 current values as constants, and jax2onnx writes the traced program as ONNX
 (a free dimension becomes a named `dim_param`). jax2onnx leaves layout
 operations (Transpose) around convolutions; `export_onnx` runs `fold_onnx`
-on the result.
+on the result. Its channels-last max pooling, a MaxPool over all the input's
+axes that ONNX Runtime cannot run, becomes a channels-first MaxPool
+(`channels_first_pools`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from keras_bn import _keras_graph
 
 from ._deps import require
+from ._onnx_pool import channels_first_pools
 
 
 def dim_names(specs, batch_name: str = "batch") -> list[list]:
@@ -58,6 +61,7 @@ def to_onnx(model, specs: list, opset: int):
         input_names=[spec.name for spec in specs],
         return_mode="proto",
     )
+    proto, _ = channels_first_pools(proto)
     return constant_folded(proto)
 
 

@@ -501,6 +501,32 @@ def test_every_backend_folds_and_matches_keras(rng, tmp_path, data_format):
     assert np.abs(got - ref).max() / np.abs(ref).max() <= RTOL
 
 
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_max_pooling_stem_exports(rng, tmp_path, data_format):
+    """ResNet's stem (Conv, BN, ReLU, padding, 3x3/2 max pooling) exports
+    and runs in ONNX Runtime from every backend (jax2onnx writes max pooling
+    in a form ONNX Runtime cannot run; the export rewrites it)."""
+    if data_format == "channels_first" and BACKEND == "tensorflow":
+        pytest.skip("TensorFlow's CPU Conv2D has no NCHW (channels_first) kernel")
+    axis = -1 if data_format == "channels_last" else 1
+    shape = (16, 16, 3) if data_format == "channels_last" else (3, 16, 16)
+    model = keras.Sequential(
+        [
+            keras.Input(shape),
+            L.Conv2D(4, 3, strides=2, use_bias=False, data_format=data_format),
+            L.BatchNormalization(axis=axis),
+            L.ReLU(),
+            L.ZeroPadding2D(1, data_format=data_format),
+            L.MaxPooling2D(3, strides=2, data_format=data_format),
+            L.MaxPooling2D(2, padding="same", data_format=data_format),
+        ]
+    )
+    randomize_bn(model, rng)
+    report = export_onnx(model, tmp_path / "m.onnx")
+    assert report.max_rel_error <= RTOL and report.outputs_vary
+    assert report.fold_report.num_folded == 1 and report.nodes["MaxPool"] == 2
+
+
 def test_default_opset_is_the_exporters_own(rng, tmp_path):
     """With no `opset`, each route writes the opset its exporter writes
     natively (jax2onnx and torch.onnx: 18), so a model with padding (which

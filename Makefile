@@ -32,7 +32,8 @@ demo: $(STAMP)
 # pass there in full so far (the converters', callbacks' and the rest are next).
 TORCH_TESTS = tests/test_kernels.py tests/test_backend.py tests/test_ddp.py \
 	tests/test_ghost_batches.py tests/test_unbiased_variance.py \
-	tests/test_masked_statistics.py
+	tests/test_masked_statistics.py tests/test_batch_normalization.py \
+	tests/test_fused_path.py tests/test_synchronized.py
 
 test: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/codespell

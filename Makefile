@@ -40,7 +40,8 @@ TORCH_TESTS = tests/test_kernels.py tests/test_backend.py tests/test_ddp.py \
 	tests/test_mnist_loader.py tests/test_bench.py tests/test_bench_layer.py \
 	tests/test_bench_resnet.py tests/test_readme.py tests/test_packaging.py \
 	tests/test_multiworker.py tests/test_recalibrate.py \
-	tests/test_callback_writers.py
+	tests/test_callback_writers.py tests/test_batch_normalization.py \
+	tests/test_fused_path.py tests/test_synchronized.py tests/test_onnx_pool.py
 
 test: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/codespell

@@ -6,11 +6,15 @@ standard deviations out), the worst error over `--trials` draws of shape
 `--shape` (channels last) against float64: output `max|y - ref| /
 max|ref|`, and variance `max_c |var_c - v_c| / v_c`, for the kernel with the
 first-row pilot and no guard (earlier releases), the kernel as it is, both
-eagerly and compiled (`tf.function(jit_compile=True)` / `jax.jit`), and
-Keras's layer (eager) with `keras.ops.moments`.
+eagerly and compiled (`tf.function(jit_compile=True)` / `jax.jit` /
+`torch.compile`), and Keras's layer (eager) with `keras.ops.moments`. On
+torch one more column: the layer's eager route for the same data laid out
+channels-first (`(N, C, H, W)`, `axis=1`), torch's native batch norm with
+the layer's per-batch guard (the kernel where the guard refuses the op).
 
     KERAS_BACKEND=tensorflow python bench/shift_accuracy.py
     KERAS_BACKEND=jax python bench/shift_accuracy.py
+    KERAS_BACKEND=torch python bench/shift_accuracy.py
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--shape", default="8,16,16,32")
+    parser.add_argument(
+        "--torch-compiler",
+        default="inductor",
+        help="torch.compile's backend on torch (inductor, aot_eager)",
+    )
     args = parser.parse_args(argv)
 
     import keras
@@ -51,8 +60,8 @@ def main(argv=None) -> None:
     from tests.test_shift_property import KINDS, _channel, _errors, _keras_errors
 
     backend = keras.backend.backend()
-    if backend not in ("tensorflow", "jax"):
-        raise SystemExit(f"unsupported backend {backend!r}: tensorflow or jax")
+    if backend not in ("tensorflow", "jax", "torch"):
+        raise SystemExit(f"unsupported backend {backend!r}: tensorflow, jax, torch")
     shape = tuple(int(v) for v in args.shape.split(","))
     c = shape[-1]
     m = int(np.prod(shape)) // c
@@ -62,7 +71,19 @@ def main(argv=None) -> None:
             x, g, b, axis=len(shape) - 1, epsilon=EPS, fused=False
         )
 
+    def native(x, g, b):
+        # Channels-first, through the backend's fused route (torch: native op).
+        xt = ops.moveaxis(x, -1, 1)
+        g, b = ops.convert_to_tensor(g), ops.convert_to_tensor(b)
+        y, mean, var = _train.batch_norm_train(xt, g, b, axis=1, epsilon=EPS)
+        return ops.moveaxis(y, 1, -1), mean, var
+
     def compiled():
+        if backend == "torch":
+            import torch
+
+            torch._dynamo.reset()  # each variant traced afresh
+            return torch.compile(lambda *a: step(*a), backend=args.torch_compiler)
         if backend == "jax":
             import jax
 
@@ -76,18 +97,19 @@ def main(argv=None) -> None:
     makers["first value 100 std"] = _first_value(100.0)
     load = os.getloadavg()[0]
     print(f"backend={backend} shape={shape} trials={args.trials} load={load:.2f}")
-    print(
-        "| input | first row, eager | first row, compiled | now, eager | "
-        "now, compiled | Keras |"
-    )
-    print("|---|---|---|---|---|---|")
+    columns = ["first row, eager", "first row, compiled", "now, eager"]
+    columns += ["now, compiled", "Keras"]
+    if backend == "torch":
+        columns.insert(4, "now, native op (channels-first)")
+    print("| input | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     rng = np.random.default_rng(0)
     old = ("first", float("inf"))
     with _variant(*old):
         old_jit = compiled()
     new_jit = compiled()
     for name, make in makers.items():
-        worst = np.zeros((5, 2))
+        worst = np.zeros((len(columns), 2))
         for _ in range(args.trials):
             x = np.stack([make(rng, m) for _ in range(c)], -1).reshape(shape)
             g, b = np.ones(c, "float32"), np.zeros(c, "float32")
@@ -99,7 +121,10 @@ def main(argv=None) -> None:
             r2 = _errors(*step(xt, g, b), ref)
             r3 = _errors(*new_jit(xt, g, b), ref)
             r4 = _keras_errors(x, -1, g, b, ref)
-            got = np.array([r[[0, 2]] for r in (r0, r1, r2, r3, r4)])
+            rows = [r0, r1, r2, r3, r4]
+            if backend == "torch":
+                rows.insert(4, _errors(*native(xt, g, b), ref))
+            got = np.array([r[[0, 2]] for r in rows])
             worst = np.maximum(worst, got)
         cells = " | ".join(f"{y:.1e} / {v:.1e}" for y, v in worst)
         print(f"| {name} | {cells} |")

@@ -1,4 +1,4 @@
-"""Tests for `keras_bn.BatchNormalization` (TensorFlow and JAX backends)."""
+"""Tests for `keras_bn.BatchNormalization` (TensorFlow, JAX and torch backends)."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ The grid:
   dtypes (int8, int32, uint8, float16, bfloat16, float32, float64), the layer
   dtypes (float32, mixed_float16, the pure low-precision bfloat16 and float16,
   float64) and XLA on/off (`tf.function(jit_compile=True)` / `jax.jit`
+  / on torch `torch.compile` (Dynamo and AOTAutograd, `harness.torch_compile`)
   against eager): 70 cases, each a single call, so no sampling is needed.
 * `model.fit` (`test_fit`): 12 cases (`FIT_CASES`): every layer dtype with
   an unknown batch size without XLA and a known one with XLA, plus an
@@ -26,12 +27,16 @@ The grid:
   of the layer, which the eager grid covers in full. On
   TensorFlow an unknown batch size is a `tf.data` dataset batched without
   `drop_remainder`, with a partial last batch (the step's batch dimension is
-  `None`: the layer's run-time `cond`); on JAX shapes are always known when
-  tracing, and "unknown" is the partial last batch, traced on its own.
+  `None`: the layer's run-time `cond`); on JAX and torch shapes are always
+  known when tracing, and "unknown" is the partial last batch, traced on its
+  own (on torch, `fit` without `jit_compile` runs the step eagerly).
 
 Tolerances: those of `harness.TOL` for the coarser of the two dtypes compared
 (float32: `rtol=1e-5`; float16: `2e-3`, four units in the last place;
-bfloat16: `1.6e-2`), and `rtol=1e-12` for float64 on TensorFlow. On JAX,
+bfloat16: `1.6e-2`), and `rtol=1e-12` for float64 on TensorFlow and torch
+(against Keras's layer only where it computes in float64 too: on TensorFlow;
+on torch Keras normalizes a float64 layer in float32, so there keras_bn's
+float64 gradients are checked against the float64 reference). On JAX,
 float64 exists only with `jax_enable_x64`, off by default: a float64 layer
 then stores and computes in float32, as Keras's own layer does, and is
 compared at float32 tolerances (`test_float64_jacobian` checks JAX with x64
@@ -55,10 +60,6 @@ import keras_bn
 from tests import harness as h
 
 pytestmark = [
-    pytest.mark.skipif(
-        keras.backend.backend() not in ("tensorflow", "jax"),
-        reason="keras_bn's training kernel runs on TensorFlow and JAX only",
-    ),
     # JAX without x64: a float64 layer is float32 (module docstring).
     pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64"),
 ]
@@ -91,6 +92,16 @@ def _coarsest(*dtypes) -> str:
 def _tol(*dtypes) -> dict:
     d = _coarsest(*dtypes)
     return dict(rtol=1e-12, atol_scale=1e-12) if d == "float64" else h.TOL[d]
+
+
+def _keras_tol(*dtypes) -> dict:
+    """`_tol` for a comparison with Keras's layer, which normalizes in
+    `keras.backend.result_type(dtype, "float32")`: float32 for a float64
+    layer wherever Keras maps float64 to float32 (off TensorFlow), where
+    keras_bn's float64 layer keeps float64 (checked against the float64
+    reference instead)."""
+    keras_dtypes = [keras.backend.result_type(d, "float32") for d in dtypes]
+    return _tol(*dtypes, *keras_dtypes)
 
 
 def _computed_in(input_dtype, compute_dtype) -> str:
@@ -159,6 +170,21 @@ def _step(layer, x, dy, xla):
         for v, value in zip(layer.non_trainable_variables, new, strict=True):
             v.assign(value)
         return y, dx, list(dtv)
+    if BACKEND == "torch":
+        import torch
+
+        tv = [v.value for v in layer.trainable_variables]
+        x = ops.convert_to_tensor(x).detach().requires_grad_(wrt_x)
+
+        def forward(x):
+            return layer(x, training=True)
+
+        y = (h.torch_compile(forward) if xla else forward)(x)
+        sources = ([x] if wrt_x else []) + tv
+        grads = torch.autograd.grad(
+            y, sources, grad_outputs=h.backend_cast(dy, y.dtype)
+        )
+        return y.detach(), (grads[0] if wrt_x else None), list(grads[int(wrt_x) :])
     import tensorflow as tf
 
     def step(x, dy):
@@ -191,8 +217,9 @@ def test_training_step(rng, input_dtype, layer_dtype, xla):
     # `result_type(int, float32)`); floats are autocast to the compute dtype.
     compute = _computed_in(input_dtype, ours.compute_dtype)
     assert ops.dtype(y) == ops.dtype(y_ref), (ops.dtype(y), ops.dtype(y_ref))
-    tol = _tol(compute, ours.compute_dtype, ours.variable_dtype)
-    _close(y, _np64(y_ref), tol, "y vs Keras")
+    dtypes = (compute, ours.compute_dtype, ours.variable_dtype)
+    tol, ktol = _tol(*dtypes), _keras_tol(*dtypes)
+    _close(y, _np64(y_ref), ktol, "y vs Keras")
     gamma, beta = (_np64(v) for v in (ref.gamma, ref.beta))
     y64, mean64, var64 = h.ref_forward(_np64(x), gamma, beta, -1, EPS)
     _close(y, y64, tol, "y vs float64")
@@ -201,15 +228,21 @@ def test_training_step(rng, input_dtype, layer_dtype, xla):
     assert (dx is None) == (dx_ref is None)
     if dx is not None:
         assert ops.dtype(dx) == ops.dtype(dx_ref)
-        _close(dx, _np64(dx_ref), _tol(compute, input_dtype), "dx vs Keras")
+        _close(dx, _np64(dx_ref), _keras_tol(compute, input_dtype), "dx vs Keras")
     for name, g, g_ref in zip(("dgamma", "dbeta"), dw, dw_ref, strict=True):
         assert g is not None, name
-        _close(g, _np64(g_ref), tol, f"{name} vs Keras")
+        _close(g, _np64(g_ref), ktol, f"{name} vs Keras")
+    if _coarsest(*dtypes) == "float64":  # float64 gradients, whatever Keras's
+        grads64 = h.ref_backward(_np64(x), gamma, dy, -1, EPS)
+        if dx is not None:  # in the input's dtype
+            _close(dx, grads64[0], _tol(compute, input_dtype), "dx vs float64")
+        for name, g, g64 in zip(("dgamma", "dbeta"), dw, grads64[1:], strict=True):
+            _close(g, g64, tol, f"{name} vs float64")
     for v, v_ref in zip(
         ours.non_trainable_variables, ref.non_trainable_variables, strict=True
     ):
         assert v.dtype == v_ref.dtype
-        _close(v, _np64(v_ref), tol, f"{v.path} vs Keras")
+        _close(v, _np64(v_ref), ktol, f"{v.path} vs Keras")
     for v, stat, prev in zip(
         (ours.moving_mean, ours.moving_variance), (mean64, var64), old, strict=True
     ):
@@ -253,6 +286,7 @@ def _fit_data(rng, input_dtype, batch):
 
 @pytest.mark.parametrize("input_dtype,layer_dtype,batch,xla", FIT_CASES)
 def test_fit(rng, input_dtype, layer_dtype, batch, xla):
+    h.skip_inductor_fit(xla)
     models = []
     for cls in (keras_bn.BatchNormalization, keras.layers.BatchNormalization):
         model = keras.Sequential(
@@ -271,7 +305,7 @@ def test_fit(rng, input_dtype, layer_dtype, batch, xla):
         model.fit(**data, epochs=1, shuffle=False, verbose=0)
     layer = ours.layers[0]
     computed = _computed_in(input_dtype, layer.compute_dtype)
-    tol = _tol(computed, layer.compute_dtype, layer.variable_dtype)
+    tol = _keras_tol(computed, layer.compute_dtype, layer.variable_dtype)
     for v, v_ref in zip(ours.weights, ref.weights, strict=True):
         assert v.dtype == v_ref.dtype
         _close(v, _np64(v_ref), tol, v.path)
@@ -379,7 +413,11 @@ def test_float64_jacobian(rng):
     exec(textwrap.dedent(_JACOBIAN), {})
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="float64 by default on TF only")
+@pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="Keras's layer normalizes float64 in float64 on TensorFlow only (its "
+    "result_type maps float64 to float32 on JAX and torch)",
+)
 @pytest.mark.parametrize("xla", [False, True])
 def test_float64_matches_keras_to_1e12(rng, xla):
     shape = (32, 5)

@@ -337,24 +337,29 @@ def test_fit_matches_keras_and_runs_the_expected_path(rng, spy, jit_compile, axi
 def test_fit_on_a_dataset_of_unknown_batch_size(rng, spy, jit_compile, axis):
     """`fit` on a `tf.data` dataset with a last partial batch.
 
-    The batch size is unknown when the step is traced, so each path runs
-    inside the layer's run-time `tf.cond` (without XLA, channels-first: the
-    compiled kernel, whose gradient once failed there; channels-last: the
-    fused op; under XLA the kernel). Every weight equals Keras's model's.
+    On TensorFlow the batch size is unknown when the step is traced, so each
+    path runs inside the layer's run-time `tf.cond` (without XLA,
+    channels-first: the compiled kernel, whose gradient once failed there;
+    channels-last: the fused op; under XLA the kernel). On JAX and torch
+    shapes are known when tracing: the last batch (of arrays) runs a step of
+    its own. Every weight equals Keras's model's.
     """
-    if not TF:
-        pytest.skip("TensorFlow's tf.data and fused paths")
-    import tensorflow as tf
-
+    h.skip_inductor_fit(jit_compile)
     ours, theirs = _twin_models(axis)
     x = rng.normal(1.0, 2.0, (40, *ours.input_shape[1:])).astype("float32")
     y = rng.normal(size=(40, 1)).astype("float32")
-    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)  # 16, 16, 8
-    assert data.element_spec[0].shape[0] is None
+    if TF:
+        import tensorflow as tf
+
+        data = dict(x=tf.data.Dataset.from_tensor_slices((x, y)).batch(16))
+        assert data["x"].element_spec[0].shape[0] is None  # 16, 16, 8
+    else:  # JAX and torch: the partial last batch is traced (or run) on its own
+        data = dict(x=x, y=y, batch_size=16, shuffle=False)
     for model in (ours, theirs):
         model.compile(optimizer="sgd", loss="mse", jit_compile=jit_compile)
-        model.fit(data, epochs=1, verbose=0)
-    _check_path(spy, "xla" if jit_compile else "graph", 4, axis)
+        model.fit(**data, epochs=1, verbose=0)
+    no_xla = "graph" if TF else "eager"
+    _check_path(spy, "xla" if jit_compile else no_xla, 4, axis)
     _assert_same_weights(ours, theirs)
 
 
@@ -520,17 +525,22 @@ def test_overflowing_native_statistics_take_the_kernel(rng, magnitude):
     assert np.all(np.isfinite(native[3]))
 
 
-@pytest.mark.parametrize("ratio,native", [(3.0, True), (32.0, True), (256.0, False)])
-def test_native_mean_bound(rng, spy, ratio, native):
-    """The native op up to `NATIVE_MAX_MEAN_STD` standard deviations of mean,
-    the kernel beyond; either way the output is within 1e-5 of float64."""
+@pytest.mark.parametrize(
+    "loc,std,native",
+    [(3.0, 1.0, True), (8.0, 1.0, False), (256.0, 1.0, False), (1.0, 1e-4, False)],
+)
+def test_native_mean_bound(rng, spy, loc, std, native):
+    """The native op up to `NATIVE_MAX_MEAN_STD` standard deviations of mean
+    (of the batch, whatever epsilon: with std 1e-4 and epsilon 1e-3 the op
+    loses 1e-4 of the output), the kernel beyond; either way the output is
+    within 1e-6 of max|y| of float64."""
     if not TORCH:
         pytest.skip("torch's native batch norm")
     from keras_bn.backend import torch as tb
 
-    assert tb.NATIVE_MAX_MEAN_STD == 64.0
+    assert tb.NATIVE_MAX_MEAN_STD == 4.0
     shape = (32, 4, 8, 8)
-    x = rng.normal(ratio, 1.0, shape).astype("float32")
+    x = rng.normal(loc, std, shape).astype("float32")
     dy = rng.normal(size=shape).astype("float32")
     y, mean, var, dx = _torch_train(x, dy, True)
     assert bool(spy.calls["fused"])
@@ -539,7 +549,7 @@ def test_native_mean_bound(rng, spy, ratio, native):
     gamma, beta = np.linspace(0.5, 2.0, c), np.linspace(-1.0, 1.0, c)
     y_ref, mean_ref, var_ref = h.ref_forward(x, gamma, beta, 1, EPS)
     dx_ref = h.ref_backward(x, gamma, dy, 1, EPS)[0]
-    h.assert_close(y, y_ref, rtol=1e-5, atol_scale=1e-5, what="y")
+    h.assert_close(y, y_ref, what="y")
     h.assert_close(dx, dx_ref, rtol=1e-5, atol_scale=1e-5, what="dx")
     h.assert_close(mean, mean_ref, what="mean")
     h.assert_close(var, var_ref, rtol=1e-5, atol_scale=1e-5, what="var")

@@ -4,7 +4,9 @@ Device counts are fixed when a backend starts, so each check runs in a fresh
 process: this file, run as `python tests/test_synchronized.py BACKEND N`, sets
 up N logical CPU devices (TensorFlow: `set_logical_device_configuration`;
 JAX: `XLA_FLAGS=--xla_force_host_platform_device_count=N`), runs every check in
-one process (imports are slow) and raises on the first mismatch.
+one process (imports are slow) and raises on the first mismatch. On torch it
+starts N processes in a Gloo group on 127.0.0.1 (`torch.distributed`), one
+replica each, which run the same grid on their shards.
 
 Tolerances: the replicated float32 run vs one device on the global batch
 (same float32 kernel, different reduction order): `rtol=1e-6` with an absolute
@@ -50,18 +52,32 @@ def _backend() -> str:
 @pytest.mark.parametrize("devices", [2, 4])
 def test_tensorflow_mirrored_strategy(devices):
     if _backend() != "tensorflow":
-        pytest.skip("runs with the TensorFlow backend")
+        pytest.skip("tf.distribute.MirroredStrategy runs with the TensorFlow backend")
     out = _run_checks("tensorflow", devices)
     assert f"OK tensorflow {devices}" in out
 
 
 def test_jax_data_parallel():
     if _backend() != "jax":
-        pytest.skip("runs with the JAX backend")
+        pytest.skip("keras.distribution.DataParallel over XLA devices is JAX's")
     out = _run_checks("jax", 4)
     assert "OK jax 4" in out
     # XLA's SPMD partitioner turned the batch reductions into cross-device ones.
     assert "all-reduce in compiled step: True" in out
+
+
+def test_torch_distributed():
+    """The grid above on torch: two processes of a Gloo group (CPU), each with
+    its shard, against the float64 reference (`fit` under DDP-style data
+    parallelism: tests/test_ddp.py)."""
+    if _backend() != "torch":
+        pytest.skip("torch.distributed process groups run with the torch backend")
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("this torch build has no Gloo process groups")
+    out = _run_checks("torch", 2)
+    assert "OK torch 2" in out
 
 
 def test_single_replica_synchronized_is_plain(rng):
@@ -106,7 +122,7 @@ def _tf_main(devices: int) -> None:
     )
     import keras
     import numpy as np
-    from harness import assert_close, ref_backward, ref_forward
+    from harness import assert_close
 
     import keras_bn
 
@@ -150,8 +166,6 @@ def _tf_main(devices: int) -> None:
             [t.numpy() for t in strategy.experimental_local_results(o)] for o in out
         ]
         xs, ys, dxs, dgs, dbs = local
-        # The global batch is split into consecutive shards.
-        np.testing.assert_array_equal(np.concatenate(xs), x)
         means = [
             v.numpy()
             for v in strategy.experimental_local_results(layer.moving_mean.value)
@@ -161,40 +175,63 @@ def _tf_main(devices: int) -> None:
             for v in strategy.experimental_local_results(layer.moving_variance.value)
         ]
         tag = f"sync={sync} masked={masked} unbiased={unbiased}"
-        shards = len(xs)
-        size = len(x) // shards
-        groups = (
-            [slice(None)]
-            if sync
-            else [slice(i * size, (i + 1) * size) for i in range(shards)]
+        _compare_grid(
+            np,
+            x,
+            dy,
+            mask,
+            gamma,
+            beta,
+            sync,
+            unbiased,
+            momentum,
+            (xs, ys, dxs, dgs, dbs, means, variances),
+            tag,
         )
-        for i, part in enumerate(groups):
-            m = None if mask is None else mask[part]
-            y, mean, var = ref_forward(x[part], gamma, beta, -1, 1e-3, m)
-            dx, dgamma, dbeta = ref_backward(x[part], gamma, dy[part], -1, 1e-3, m)
-            got_y = np.concatenate(ys) if sync else ys[i]
-            got_dx = np.concatenate(dxs) if sync else dxs[i]
-            assert_close(got_y, y, what=f"y {tag}")
-            assert_close(got_dx, dx, what=f"dx {tag}")
-            # The optimizer sums the replicas' gamma/beta gradients.
-            got_dg = sum(dgs) if sync else dgs[i]
-            got_db = sum(dbs) if sync else dbs[i]
-            assert_close(got_dg, dgamma, what=f"dgamma {tag}")
-            assert_close(got_db, dbeta, what=f"dbeta {tag}")
-            if unbiased:
-                count = x[part].shape[0] * x.shape[1] if m is None else m.sum()
-                var = var * count / (count - 1)
-            replicas = range(shards) if sync else [i]
-            for r in replicas:
-                assert_close(means[r], (1 - momentum) * mean, what=f"mean {tag}")
-                assert_close(
-                    variances[r],
-                    momentum + (1 - momentum) * var,
-                    what=f"variance {tag}",
-                )
     _tf_one_per_replica(tf, np, keras_bn, strategy, devices, assert_close)
     _tf_fit_check(tf, keras, np, keras_bn, strategy, devices, assert_close)
     print(f"OK tensorflow {devices}")
+
+
+def _compare_grid(np, x, dy, mask, gamma, beta, sync, unbiased, momentum, got, tag):
+    """One grid case against the float64 reference: per replica, its shard's
+    `(x, y, dx, dgamma, dbeta, moving_mean, moving_variance)` in `got`."""
+    from harness import assert_close, ref_backward, ref_forward
+
+    xs, ys, dxs, dgs, dbs, means, variances = got
+    # The global batch is split into consecutive shards.
+    np.testing.assert_array_equal(np.concatenate(xs), x)
+    shards = len(xs)
+    size = len(x) // shards
+    groups = (
+        [slice(None)]
+        if sync
+        else [slice(i * size, (i + 1) * size) for i in range(shards)]
+    )
+    for i, part in enumerate(groups):
+        m = None if mask is None else mask[part]
+        y, mean, var = ref_forward(x[part], gamma, beta, -1, 1e-3, m)
+        dx, dgamma, dbeta = ref_backward(x[part], gamma, dy[part], -1, 1e-3, m)
+        got_y = np.concatenate(ys) if sync else ys[i]
+        got_dx = np.concatenate(dxs) if sync else dxs[i]
+        assert_close(got_y, y, what=f"y {tag}")
+        assert_close(got_dx, dx, what=f"dx {tag}")
+        # The optimizer sums the replicas' gamma/beta gradients.
+        got_dg = sum(dgs) if sync else dgs[i]
+        got_db = sum(dbs) if sync else dbs[i]
+        assert_close(got_dg, dgamma, what=f"dgamma {tag}")
+        assert_close(got_db, dbeta, what=f"dbeta {tag}")
+        if unbiased:
+            count = x[part].shape[0] * x.shape[1] if m is None else m.sum()
+            var = var * count / (count - 1)
+        replicas = range(shards) if sync else [i]
+        for r in replicas:
+            assert_close(means[r], (1 - momentum) * mean, what=f"mean {tag}")
+            assert_close(
+                variances[r],
+                momentum + (1 - momentum) * var,
+                what=f"variance {tag}",
+            )
 
 
 def _tf_one_per_replica(tf, np, keras_bn, strategy, devices, assert_close):
@@ -342,9 +379,109 @@ def _jax_main(devices: int) -> None:
     print(f"OK jax {devices}")
 
 
+def _torch_main(devices: int) -> None:
+    """`devices` processes in a Gloo group on 127.0.0.1, one CPU replica each."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_torch_replica, args=(devices, port), nprocs=devices, join=True)
+    print(f"OK torch {devices}")
+
+
+def _torch_replica(rank: int, devices: int, port: int) -> None:
+    import datetime
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    import keras_bn
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=devices,
+        timeout=datetime.timedelta(seconds=120),
+    )
+
+    def gather(values):
+        out = [None] * devices
+        dist.all_gather_object(out, [np.asarray(v) for v in values])
+        return [list(col) for col in zip(*out, strict=True)]
+
+    def step(layer, xb, dy=None, mask=None):
+        """The replica's training call: y, and with dy: dx, dgamma, dbeta."""
+        xb = torch.tensor(xb, requires_grad=dy is not None)
+        kw = {} if mask is None else {"mask": torch.tensor(mask)}
+        y = layer(xb, training=True, **kw)
+        if dy is None:
+            return [y.detach().numpy()]
+        wrt = [xb, layer.gamma.value, layer.beta.value]
+        grads = torch.autograd.grad(y, wrt, grad_outputs=torch.tensor(dy))
+        return [t.detach().numpy() for t in (y, *grads)]
+
+    def stats(layer):
+        return [np.asarray(v.value.detach()) for v in layer.non_trainable_variables]
+
+    try:
+        momentum = 0.5
+        grid = [(True, False, False), (True, True, True), (False, False, True)]
+        grid.append((False, True, False))
+        for sync, masked, unbiased in grid:
+            x, dy, mask, gamma, beta = _data(np, devices, masked)
+            size = len(x) // devices
+            part = slice(rank * size, (rank + 1) * size)
+            layer = keras_bn.BatchNormalization(
+                synchronized=sync, momentum=momentum, unbiased_variance=unbiased
+            )
+            layer.build(x.shape)
+            layer.gamma.assign(gamma)
+            layer.beta.assign(beta)
+            mk = None if mask is None else mask[part]
+            out = step(layer, x[part], dy[part], mk)
+            got = gather([x[part], *out, *stats(layer)])
+            tag = f"sync={sync} masked={masked} unbiased={unbiased}"
+            _compare_grid(
+                np, x, dy, mask, gamma, beta, sync, unbiased, momentum, got, tag
+            )
+        _torch_global_batch(np, keras_bn, rank, devices, step, stats, gather)
+    finally:
+        dist.destroy_process_group()
+
+
+def _torch_global_batch(np, keras_bn, rank, devices, step, stats, gather):
+    """One example per replica, then a replica without examples: statistics of
+    the global batch all the same."""
+    from harness import assert_close, ref_forward
+
+    rng = np.random.default_rng(3)
+    one = rng.normal(size=(devices, 3)).astype("float32")
+    # All examples on the first replica: the others get none.
+    empty = rng.normal(3.0, 2.0, (2, 3)).astype("float32")
+    shards = {"one example per replica": one[rank : rank + 1]}
+    shards["empty replica"] = empty if rank == 0 else empty[:0]
+    for (what, shard), x in zip(shards.items(), (one, empty), strict=True):
+        layer = keras_bn.BatchNormalization(synchronized=True, momentum=0.0)
+        layer.build(x.shape)
+        ys, means, variances = gather([*step(layer, shard), *stats(layer)])
+        y, mean, var = ref_forward(x, np.ones(3), np.zeros(3), -1, 1e-3)
+        assert_close(np.concatenate(ys), y, what=f"{what}: y")
+        for r in range(devices):
+            assert_close(means[r], mean, what=f"{what}: mean")
+            assert_close(variances[r], var, what=f"{what}: var")
+
+
 if __name__ == "__main__":
     backend_arg, devices_arg = sys.argv[1], int(sys.argv[2])
     if backend_arg == "tensorflow":
         _tf_main(devices_arg)
+    elif backend_arg == "torch":
+        _torch_main(devices_arg)
     else:
         _jax_main(devices_arg)

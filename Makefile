@@ -1,6 +1,6 @@
 # The two commands a newcomer runs on a fresh machine:
 #   make demo   # set up, train MNIST with and without BN, stats, folded ONNX export
-#   make test   # set up, run every test on TensorFlow and JAX, the layer's on PyTorch
+#   make test   # set up, run every test on TensorFlow and JAX, most on PyTorch
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -64,6 +64,17 @@ class Spy:
         monkeypatch.setattr(backend, "kernel_train", count_kernel)
         monkeypatch.setattr(_kernels, "forward", count_forward)
         if TORCH:
+            # torch's eager kernel runs its few-pass forward where it can.
+            from keras_bn.backend import torch as torch_backend
+
+            eager_forward = torch_backend._eager_forward
+
+            def count_eager_forward(*args, **kwargs):
+                out = eager_forward(*args, **kwargs)
+                self.calls["forward"] += out is not None  # None: the general one
+                return out
+
+            monkeypatch.setattr(torch_backend, "_eager_forward", count_eager_forward)
             self._spy_torch(monkeypatch)
         if not TF:
             return

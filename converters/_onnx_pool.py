@@ -16,24 +16,19 @@ unpadded, stride 1.
 from __future__ import annotations
 
 from ._deps import require
+from ._onnx_graph import Graph, attr, is_default_domain
 
 # ONNX Runtime's MaxPool takes 1 to 3 spatial axes.
 _ORT_MAX_SPATIAL = 3
 
 
-def _attrs(node) -> dict:
-    onnx = require("onnx")
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _axes(node, constants: dict):
+def _axes(g: Graph, node):
     """The `axes` of an Unsqueeze/Squeeze (attribute, or constant input)."""
-    attrs = _attrs(node)
-    if "axes" in attrs:
-        return list(attrs["axes"])
-    if len(node.input) > 1 and node.input[1] in constants:
-        return [int(a) for a in constants[node.input[1]].reshape(-1)]
-    return None
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1:
+        value = g.const(node.input[1])
+        axes = None if value is None else value.reshape(-1).tolist()
+    return None if axes is None else [int(a) for a in axes]
 
 
 def _channel_axis(pool, rank: int):
@@ -41,17 +36,16 @@ def _channel_axis(pool, rank: int):
     else axis 1) if the window is trivial (1 wide, stride 1, unpadded) on it
     and on the batch axis; `None` if the pool cannot be rewritten (an Indices
     output, `auto_pad`, or more than 3 axes left to pool over)."""
-    a = _attrs(pool)
     if len(pool.output) > 1 and pool.output[1]:
         return None
-    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    if attr(pool, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         return None
-    kernel = list(a.get("kernel_shape", []))
+    kernel = list(attr(pool, "kernel_shape", []))
     if len(kernel) != rank or not 2 <= rank - 2 <= _ORT_MAX_SPATIAL:
         return None
-    strides = list(a.get("strides", [1] * rank))
-    dilations = list(a.get("dilations", [1] * rank))
-    pads = list(a.get("pads", [0] * 2 * rank))
+    strides = list(attr(pool, "strides", [1] * rank))
+    dilations = list(attr(pool, "dilations", [1] * rank))
+    pads = list(attr(pool, "pads", [0] * 2 * rank))
 
     def trivial(axis):
         window = (kernel[axis], strides[axis], dilations[axis])
@@ -62,21 +56,20 @@ def _channel_axis(pool, rank: int):
     return next((c for c in (rank - 1, 1) if trivial(c)), None)
 
 
-def _leading_unsqueezes(name, nodes, producer, consumers, constants):
-    """Indices of the Unsqueeze chain (last first) that makes `name` from a
-    tensor with two new leading axes, each link used only by the next;
-    `None` if `name` is not made so."""
-    chain, axes = [], []
-    while sum(map(len, axes)) < 2 and name in producer:
-        k = producer[name]
-        node = nodes[k]
-        if node.op_type != "Unsqueeze" or len(consumers.get(name, [])) != 1:
+def _leading_unsqueezes(g: Graph, pool):
+    """The Unsqueeze nodes (last first) that make the pool's input from a
+    tensor with two new leading axes, each read only by the next; `None` if
+    it is not made so."""
+    chain, axes, reader, name = [], [], pool, pool.input[0]
+    while sum(map(len, axes)) < 2:
+        node = g.producer.get(name)
+        if node is None or node.op_type != "Unsqueeze":
             return None
-        axes.append(_axes(node, constants))
-        if axes[-1] is None:
+        if not g.sole_user(name, reader) or _axes(g, node) is None:
             return None
-        chain.append(k)
-        name = node.input[0]
+        chain.append(node)
+        axes.append(_axes(g, node))
+        reader, name = node, node.input[0]
     lead = 0  # new axes in front so far, in the order the chain runs
     for new in reversed(axes):
         if any(a < 0 or a >= lead + len(new) for a in new):
@@ -85,86 +78,78 @@ def _leading_unsqueezes(name, nodes, producer, consumers, constants):
     return chain if lead == 2 else None
 
 
-def channels_first_pools(proto):
-    """`proto` with jax2onnx's full-rank MaxPool triples as channels-first
-    MaxPools between Transposes; `(new_proto, count)`."""
+def _rewrite(g: Graph, pool) -> bool:
     onnx = require("onnx")
-    numpy_helper = require("onnx.numpy_helper")
-    graph = proto.graph
-    nodes = list(graph.node)
-    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in nodes:
-        if node.op_type == "Constant" and _attrs(node).get("value") is not None:
-            constants[node.output[0]] = numpy_helper.to_array(_attrs(node)["value"])
-    consumers: dict[str, list[int]] = {}
-    for k, node in enumerate(nodes):
-        for name in node.input:
-            consumers.setdefault(name, []).append(k)
-    outputs = {o.name for o in graph.output}
-    producer = {out: k for k, node in enumerate(nodes) for out in node.output}
-    replace = {}  # index of the Squeeze -> new nodes
-    drop = set()  # indices of the Unsqueeze and the MaxPool
-    for k, pool in enumerate(nodes):
-        if pool.op_type != "MaxPool" or pool.domain not in ("", "ai.onnx"):
-            continue
-        chain = _leading_unsqueezes(
-            pool.input[0], nodes, producer, consumers, constants
-        )
-        users = consumers.get(pool.output[0], [])
-        if chain is None or len(users) != 1 or pool.output[0] in outputs:
-            continue
-        i_squeeze = users[0]
-        squeeze = nodes[i_squeeze]
-        if squeeze.op_type != "Squeeze" or _axes(squeeze, constants) != [0, 1]:
-            continue
-        if any(nodes[i].output[0] in outputs for i in chain):
-            continue
-        a = _attrs(pool)
-        rank = len(a.get("kernel_shape", []))
-        c = _channel_axis(pool, rank)
-        if c is None:
-            continue
-        spatial = [i for i in range(1, rank) if i != c]
-        kernel, strides = a["kernel_shape"], a.get("strides", [1] * rank)
-        dilations = a.get("dilations", [1] * rank)
-        pads = a.get("pads", [0] * 2 * rank)
-        x, y = nodes[chain[-1]].input[0], squeeze.output[0]
-        to_cf = [0, c, *spatial]
-        to_cl = [to_cf.index(i) for i in range(rank)]  # its inverse
-        base = pool.name or pool.output[0]
-        new_pool = onnx.helper.make_node(
+    chain = _leading_unsqueezes(g, pool)
+    users = g.consumers.get(pool.output[0], [])
+    if chain is None or len(users) != 1 or not g.sole_user(pool.output[0], users[0]):
+        return False
+    squeeze = users[0]
+    if squeeze.op_type != "Squeeze" or _axes(g, squeeze) != [0, 1]:
+        return False
+    rank = len(attr(pool, "kernel_shape", []))
+    c = _channel_axis(pool, rank)
+    if c is None:
+        return False
+    spatial = [i for i in range(1, rank) if i != c]
+    kernel = attr(pool, "kernel_shape")
+    strides = attr(pool, "strides", [1] * rank)
+    dilations = attr(pool, "dilations", [1] * rank)
+    pads = attr(pool, "pads", [0] * 2 * rank)
+    x, y = chain[-1].input[0], squeeze.output[0]
+    base = pool.name or pool.output[0]
+    to_cf = [0, c, *spatial]
+    channels_first = to_cf == list(range(rank))
+    pool_in = x if channels_first else g.fresh(f"{base}__nchw_in")
+    pool_out = y if channels_first else g.fresh(f"{base}__nchw_out")
+    nodes = [
+        onnx.helper.make_node(
             "MaxPool",
-            [f"{base}__nchw_in"],
-            [f"{base}__nchw_out"],
+            [pool_in],
+            [pool_out],
             name=f"{base}__nchw",
             kernel_shape=[kernel[i] for i in spatial],
             strides=[strides[i] for i in spatial],
             dilations=[dilations[i] for i in spatial],
             pads=[pads[i] for i in spatial] + [pads[rank + i] for i in spatial],
-            ceil_mode=a.get("ceil_mode", 0),
+            ceil_mode=attr(pool, "ceil_mode", 0),
         )
-        if to_cf == list(range(rank)):  # already channels-first
-            new_pool.input[0], new_pool.output[0] = x, y
-            replace[i_squeeze] = [new_pool]
-        else:
-            replace[i_squeeze] = [
-                onnx.helper.make_node(
-                    "Transpose", [x], new_pool.input, f"{base}__to_nchw", perm=to_cf
-                ),
-                new_pool,
-                onnx.helper.make_node(
-                    "Transpose", new_pool.output, [y], f"{base}__back", perm=to_cl
-                ),
-            ]
-        drop.update((*chain, k))
-    if not replace:
+    ]
+    if not channels_first:
+        to_cl = [to_cf.index(i) for i in range(rank)]  # its inverse
+        nodes.insert(
+            0,
+            onnx.helper.make_node(
+                "Transpose", [x], [pool_in], f"{base}__to_nchw", perm=to_cf
+            ),
+        )
+        nodes.append(
+            onnx.helper.make_node(
+                "Transpose", [pool_out], [y], f"{base}__back", perm=to_cl
+            )
+        )
+    for node in (squeeze, pool, *chain):
+        g.remove(node)
+    position = min(g.index(g.producer[x]) + 1 if x in g.producer else 0, len(g.g.node))
+    for k, node in enumerate(nodes):
+        g.insert(position + k, node)
+    return True
+
+
+def channels_first_pools(proto):
+    """`proto` with jax2onnx's full-rank MaxPool triples as channels-first
+    MaxPools (between Transposes for channels-last data); `(new_proto,
+    count)`, `proto` itself (unchanged) when there is none."""
+    onnx = require("onnx")
+    pools = [n for n in proto.graph.node if n.op_type == "MaxPool"]
+    if not pools:
         return proto, 0
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    rewritten = []
-    for k, node in enumerate(nodes):
-        if k not in drop:
-            rewritten.extend(replace.get(k, [node]))
-    del out.graph.node[:]
-    out.graph.node.extend(rewritten)
-    return out, len(replace)
+    g = Graph(out)
+    pools = [n for n in g.g.node if n.op_type == "MaxPool" and is_default_domain(n)]
+    count = sum(_rewrite(g, pool) for pool in pools)
+    if not count:
+        return proto, 0
+    g.prune()
+    return out, count

@@ -65,6 +65,31 @@ def to_onnx(model, specs: list, opset: int):
     return constant_folded(proto)
 
 
+def inference_call(model):
+    """`arrays -> outputs`: `model(inputs, training=False)` compiled once.
+
+    The variables are arguments of the compiled function (through
+    `stateless_call`), not constants in it, so the weights are not copied
+    into the executable. One compilation per input shape.
+    """
+    jax = require("jax")
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    @jax.jit
+    def run(trainable, non_trainable, *args):
+        packed = _keras_graph.pack_inputs(model, list(args))
+        outputs, _ = model.stateless_call(
+            trainable, non_trainable, packed, training=False
+        )
+        return keras.tree.flatten(outputs)
+
+    def call(arrays):
+        return [np.asarray(o) for o in run(trainable, non_trainable, *arrays)]
+
+    return call
+
+
 def constant_folded(proto):
     """`(proto, exporter)`: `proto` after onnxscript's optimizer when it is
     installed.

@@ -14,10 +14,15 @@ import collections
 import numpy as np
 
 #: Ops with constant inputs whose value `Graph.const` computes (what exporters
-#: emit around weights: jax2onnx transposes kernels and computes the BN's
-#: `1 / sqrt(var + eps)` in the graph).
+#: emit around weights: jax2onnx transposes kernels, computes the BN's
+#: `1 / sqrt(var + eps)` in the graph, and flips a transposed convolution's
+#: kernel with Shape, Gather, Range and Slice).
 _EVAL = (
     "Identity",
+    "Shape",
+    "Gather",
+    "Range",
+    "Slice",
     "Cast",
     "Reshape",
     "Transpose",
@@ -329,6 +334,36 @@ class Graph:
         self.dropped.clear()
 
 
+#: Integer arithmetic NumPy computes as ONNX does (exactly, wrapping around).
+_EXACT_INT = ("Neg", "Add", "Sub", "Mul")
+
+
+def _evaluate_indexing(node, args):
+    """Shape, Gather, Range and Slice on constants, as the ONNX spec defines."""
+    op, x = node.op_type, args[0]
+    if op == "Shape":
+        shape = np.asarray(x.shape, np.int64)
+        return shape[attr(node, "start", 0) : attr(node, "end", len(shape))]
+    if op == "Range":
+        if len(args) != 3 or any(a is None or a.ndim for a in args):
+            return None
+        count = max(int(np.ceil((args[1] - args[0]) / args[2])), 0)
+        return (args[0] + args[2] * np.arange(count)).astype(x.dtype)
+    if len(args) < 2 or args[1] is None or args[1].dtype.kind not in "iu":
+        return None
+    if op == "Gather":
+        return np.take(x, args[1], axis=attr(node, "axis", 0))
+    if len(args) < 3 or args[2] is None or any(a is None for a in args[3:]):
+        return None  # Slice: data, starts, ends[, axes[, steps]]
+    starts, ends = np.ravel(args[1]), np.ravel(args[2])
+    axes = np.ravel(args[3]) if len(args) > 3 else np.arange(len(starts))
+    steps = np.ravel(args[4]) if len(args) > 4 else np.ones(len(starts), np.int64)
+    index = [slice(None)] * x.ndim
+    for a, b, e, k in zip(axes, starts, ends, steps, strict=True):
+        index[int(a)] = slice(int(b), int(e), int(k))
+    return x[tuple(index)]
+
+
 def _axes(node, args, opset):
     if len(args) > 1 and args[1] is not None:
         return [int(a) for a in np.ravel(args[1])]
@@ -361,8 +396,10 @@ def _evaluate(node, args, opset):
         if axes is None:
             return None
         return np.expand_dims(x, tuple(axes))
-    if x.dtype.kind != "f":
-        return None  # integer arithmetic rounds differently in NumPy
+    if op in ("Shape", "Gather", "Range", "Slice"):
+        return _evaluate_indexing(node, args)
+    if x.dtype.kind not in "fiu" or (x.dtype.kind != "f" and op not in _EXACT_INT):
+        return None  # NumPy's integer division floors, ONNX's truncates
     if op == "Neg":
         return np.negative(x)
     if op == "Sqrt":

@@ -95,6 +95,53 @@ def test_bn_into_conv(rng, op, bias):
     assert report.records[0].action == "folded_into_preceding"
 
 
+def _flipped_kernel(w):
+    """Nodes and constants that flip `w`'s two spatial axes at run time, as
+    jax2onnx writes a transposed convolution's kernel: Shape, Gather and
+    Range make the reversed indices of axis 2, a Gather applies them, a
+    negative-step Slice reverses axis 3, then a Transpose there and back."""
+    i64 = lambda name, v: numpy_helper.from_array(np.asarray(v, np.int64), name)  # noqa: E731
+    inits = [
+        _init("w0", w),
+        i64("two", [2]),
+        i64("zero", 0),
+        i64("one", 1),
+        i64("last", -1),
+        i64("s_start", [-1]),
+        i64("s_end", [-(2**63) + 1]),
+        i64("s_axes", [3]),
+        i64("s_step", [-1]),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["w0"], ["shape"]),
+        helper.make_node("Gather", ["shape", "two"], ["len2"]),
+        helper.make_node("Squeeze", ["len2"], ["n"]),
+        helper.make_node("Range", ["zero", "n", "one"], ["up"]),
+        helper.make_node("Sub", ["last", "up"], ["down"]),  # -1, -2, ...
+        helper.make_node("Gather", ["w0", "down"], ["w1"], axis=2),
+        helper.make_node(
+            "Slice", ["w1", "s_start", "s_end", "s_axes", "s_step"], ["w2"]
+        ),
+        helper.make_node("Transpose", ["w2"], ["w3"], perm=[1, 0, 2, 3]),
+        helper.make_node("Transpose", ["w3"], ["w"], perm=[1, 0, 2, 3]),
+    ]
+    return nodes, inits
+
+
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+def test_bn_into_conv_whose_kernel_is_flipped_at_run_time(rng, op):
+    """The kernel is computed from constants (what jax2onnx emits for Keras's
+    Conv2DTranspose): the fold evaluates it as ONNX Runtime would."""
+    c_in, c_out = 4, 6
+    shape = (c_out, c_in, 3, 3) if op == "Conv" else (c_in, c_out, 3, 2)
+    nodes, inits = _flipped_kernel(rng.normal(size=shape))
+    inits += _bn_inits(rng, c_out)
+    nodes += [helper.make_node(op, ["x", "w"], ["h"]), _bn_node("h", "y")]
+    model = _model(nodes, inits, [2, c_in, 6, 6], ["N", "C", "H", "W"])
+    folded, report = _check(model, rng.normal(size=(2, c_in, 6, 6)).astype("float32"))
+    assert _ops(folded) == [op] and report.num_folded == 1
+
+
 @pytest.mark.parametrize("trans_b", [0, 1])
 @pytest.mark.parametrize("bias", [True, False])
 def test_bn_into_gemm(rng, trans_b, bias):
@@ -247,14 +294,7 @@ def _keras_models():
     [
         "dense",
         "conv1d",
-        pytest.param(
-            "conv2d_transpose",
-            marks=pytest.mark.skipif(
-                __import__("keras").backend.backend() == "jax",
-                reason="fold_onnx does not yet fold the BN after a ConvTranspose "
-                "in Keras's own export on JAX (a Mul is left)",
-            ),
-        ),
+        "conv2d_transpose",
     ],
 )
 def test_folds_keras_own_unfolded_export(rng, tmp_path, name):

@@ -1,4 +1,4 @@
-"""Tests of `keras_bn.callbacks.ActivationStatistics` (both backends)."""
+"""Tests of `keras_bn.callbacks.ActivationStatistics` (every backend)."""
 
 from __future__ import annotations
 

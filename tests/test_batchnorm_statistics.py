@@ -1,4 +1,4 @@
-"""Tests of `keras_bn.callbacks.BatchNormStatistics` (both backends)."""
+"""Tests of `keras_bn.callbacks.BatchNormStatistics` (every backend)."""
 
 from __future__ import annotations
 

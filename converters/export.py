@@ -715,6 +715,10 @@ def export_onnx(
         data = proto.SerializeToString()
         counts = node_counts(proto)
         opset = opset_of(proto)
+        half = any(
+            i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+            for i in proto.graph.input
+        )
         del proto
         release_memory()
 
@@ -739,7 +743,9 @@ def export_onnx(
     ref = None
     if verify:
         with _stage("verify", progress, timings):
-            arrays, ref = _verify(report, model, data, specs, arrays, samples, seed)
+            arrays, ref = _verify(
+                report, model, data, specs, arrays, samples, seed, half
+            )
     if benchmark:
         with _stage("benchmark", progress, timings), captured(log, verbose):
             if arrays is None:
@@ -837,11 +843,12 @@ def _reference(call, specs, arrays, samples, seed, report):
     return arrays, ref
 
 
-def _verify(report, model, data, specs, arrays, samples, seed):
-    sess = _session(data)
+def _verify(report, model, data, specs, arrays, samples, seed, half):
+    """Keras's outputs, then ONNX Runtime's, one after the other (Keras's
+    compiled call is freed before the session is made: less memory at once).
+    `half`: the file's inputs are float16."""
     if arrays is not None:
         arrays = list(arrays)
-    half = any(i.type == "tensor(float16)" for i in sess.get_inputs())
     call = _keras_call(model)
     arrays, ref = _reference(call, specs, arrays, samples, seed, report)
     if half:  # Keras sees the float16-rounded inputs ONNX Runtime sees
@@ -851,7 +858,8 @@ def _verify(report, model, data, specs, arrays, samples, seed):
             [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays],
             _verify_rows(specs),
         )
-    got = _ort_outputs(sess, arrays, _verify_rows(specs))
+    del call
+    got = _ort_outputs(_session(data), arrays, _verify_rows(specs))
     report.parity = [relative_error(g, r) for g, r in zip(got, ref, strict=True)]
     if not report.max_rel_error <= report.rtol:
         raise ParityError(

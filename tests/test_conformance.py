@@ -4,9 +4,17 @@ Each model goes through replace -> fit (jit) -> save/load -> fold -> export
 -> CLI, as in `make zoo` on keras.applications, in seconds. Then the
 exporter-friendly inference graph: keras_bn's inference graph is the one
 Keras's BatchNormalization emits, so the TFLite converter folds it alike.
+
+On torch, `fit(jit_compile=True)` compiles the step with Inductor (over a
+minute per model on 2 cores), so there the failure classes train eagerly,
+Keras's own default on torch, unless KERAS_BN_TORCH_INDUCTOR=1; one of them
+also trains under `jit_compile=True`'s Dynamo and AOTAutograd trace without
+Inductor's code generation (`test_traced_fit_step_conforms`).
 """
 
 import collections
+import functools
+import os
 
 import keras
 import pytest
@@ -19,11 +27,33 @@ from tests.zoo.pipeline import RTOL, run
 
 L = keras.layers
 
+TORCH = keras.backend.backend() == "torch"
+# The fit stage's `jit_compile` (module docstring).
+FIT_JIT = not TORCH or os.environ.get("KERAS_BN_TORCH_INDUCTOR") == "1"
+
 
 @pytest.mark.parametrize("name", sorted(SYNTHETIC))
 def test_failure_class_conforms(name):
     build, shape = SYNTHETIC[name]
-    assert_conforms(run(build, shape))
+    assert_conforms(run(build, shape, jit_compile=FIT_JIT))
+
+
+@pytest.mark.skipif(
+    FIT_JIT, reason="the failure classes above train under jit_compile=True"
+)
+def test_traced_fit_step_conforms(monkeypatch):
+    """torch: the pipeline with `fit(jit_compile=True)`, whose `torch.compile`
+    traces the step (Dynamo and AOTAutograd) and runs the graphs without
+    Inductor, as `harness.torch_compile` does (about 30 s on 2 cores)."""
+    import torch
+
+    aot_eager = functools.partial(torch.compile, backend="aot_eager")
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    torch._dynamo.utils.counters.clear()
+    build, shape = SYNTHETIC["bn_before_dense"]
+    assert_conforms(run(build, shape, jit_compile=True))
+    # The step ran as traced graphs (not eagerly).
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
 
 
 # -- Exporter-friendly inference: the graph Keras's BN emits ------------------

@@ -16,7 +16,15 @@ The grid:
   dtypes (float32, mixed_float16, the pure low-precision bfloat16 and float16,
   float64) and XLA on/off (`tf.function(jit_compile=True)` / `jax.jit`
   / on torch `torch.compile` (Dynamo and AOTAutograd, `harness.torch_compile`)
-  against eager): 70 cases, each a single call, so no sampling is needed.
+  against eager): 70 cases, each a single call, so no sampling is needed
+  on TensorFlow and JAX. On torch, Dynamo traces every compiled case anew,
+  2-5 s for keras_bn's layer and about 12 s for Keras's (with its graph
+  breaks) on 2 cores, 10 minutes for the grid: there the compiled grid is
+  `TORCH_COMPILED` (every layer dtype with an integer input and a float
+  one, every input dtype; an integer input is normalized in float32, any
+  float input in the compute dtype), against Keras's layer run eagerly:
+  compiled so (without Inductor) it computes bit for bit what it computes
+  eagerly in each of these cases, so compiling it would only add tracing.
 * `model.fit` (`test_fit`): 12 cases (`FIT_CASES`): every layer dtype with
   an unknown batch size without XLA and a known one with XLA, plus an
   unknown one with XLA for float32 and bfloat16, each with one input dtype,
@@ -29,7 +37,9 @@ The grid:
   `drop_remainder`, with a partial last batch (the step's batch dimension is
   `None`: the layer's run-time `cond`); on JAX and torch shapes are always
   known when tracing, and "unknown" is the partial last batch, traced on its
-  own (on torch, `fit` without `jit_compile` runs the step eagerly).
+  own (on torch, `fit` without `jit_compile` runs the step eagerly; with it,
+  Inductor compiles it for minutes: those cases need
+  KERAS_BN_TORCH_INDUCTOR=1).
 
 Tolerances: those of `harness.TOL` for the coarser of the two dtypes compared
 (float32: `rtol=1e-5`; float16: `2e-3`, four units in the last place;
@@ -201,17 +211,41 @@ def _step(layer, x, dy, xla):
     return step(tf.convert_to_tensor(x), tf.convert_to_tensor(dy))
 
 
+# The compiled (input dtype, layer dtype) cases on torch (module docstring).
+TORCH_COMPILED = {
+    ("int8", "float32"),
+    ("float32", "float32"),
+    ("bfloat16", "float32"),
+    ("int32", "mixed_float16"),
+    ("float32", "mixed_float16"),
+    ("uint8", "bfloat16"),
+    ("float16", "bfloat16"),
+    ("int8", "float16"),
+    ("float64", "float16"),
+    ("int32", "float64"),
+    ("float64", "float64"),
+}
+
+
 @pytest.mark.parametrize("xla", [False, True], ids=["eager", "xla"])
 @pytest.mark.parametrize("layer_dtype", LAYERS)
 @pytest.mark.parametrize("input_dtype", INPUTS)
 def test_training_step(rng, input_dtype, layer_dtype, xla):
+    torch_compiled = xla and BACKEND == "torch"
+    if torch_compiled and (input_dtype, layer_dtype) not in TORCH_COMPILED:
+        pytest.skip(
+            "torch.compile traces each case for seconds on 2 cores: on torch the "
+            "compiled grid is TORCH_COMPILED (every layer and input dtype)"
+        )
     shape = (16, 4, CHANNELS)
     ours, ref = _pair(layer_dtype, rng, shape)
     x = _values(rng, input_dtype, shape)
     dy = rng.normal(size=shape).astype("float32")
     old = [_np64(v) for v in (ours.moving_mean, ours.moving_variance)]
     y, dx, dw = _step(ours, x, dy, xla)
-    y_ref, dx_ref, dw_ref = _step(ref, x, dy, xla)
+    # On torch Keras's layer runs eagerly: compiled, it gives the same bits
+    # (module docstring).
+    y_ref, dx_ref, dw_ref = _step(ref, x, dy, xla and not torch_compiled)
 
     # Integers are normalized in float32 whatever the layer's dtype (Keras:
     # `result_type(int, float32)`); floats are autocast to the compute dtype.
@@ -348,9 +382,27 @@ def test_pure_low_precision_fit_on_dataset(rng, float32_policy, clear_warned, po
         data = dict(x=tf.data.Dataset.from_tensor_slices((x, y)).batch(32))
     else:
         data = dict(x=x, y=y, batch_size=32)
+
+    def train():
+        model.fit(**data, epochs=2, verbose=0)
+
+    if BACKEND == "torch":
+        # torch's `fit` without `jit_compile` calls the layers eagerly, and an
+        # eager batch of one raises (documented); `jit_compile=True` compiles
+        # with Inductor (minutes). The full batches train eagerly, then the
+        # batch of one runs as the compiled step traces it (`run_layer`'s
+        # Dynamo and AOTAutograd, without Inductor).
+        with pytest.raises(ValueError, match="single value per channel"):
+            train()
+
+        def train():
+            out = h.run_layer(model, x[64:], y[64:], jit=True)
+            assert np.all(np.isfinite(_np64(out["y"])))
+            assert all(np.all(np.isfinite(_np64(g))) for g in out["dweights"])
+
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        model.fit(**data, epochs=2, verbose=0)
+        train()
     assert model.layers[1].compute_dtype == policy
     for v in model.weights:
         assert np.all(np.isfinite(_np64(v))), v.path

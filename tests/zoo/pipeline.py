@@ -5,8 +5,8 @@ weights), randomizes every BN's statistics, then:
 
 1. `keras_bn.replace_batchnorm` -> inference parity with the original, the
    number of BNs swapped and whether the copy kept the model's class;
-2. one `fit` step under `jit_compile=True` (batch of 8, SGD 1e-4, MSE to
-   random targets; finite loss, statistics moved);
+2. one `fit` step under `jit_compile=True` (`run`'s default; batch of 8, SGD
+   1e-4, MSE to random targets; finite loss, statistics moved);
 3. `.keras` save and load -> the loaded model computes the same;
 4. `converters.fold_batchnorm` -> parity with the loaded model;
 5. `converters.export_onnx` -> ONNX Runtime parity (checked inside);
@@ -93,8 +93,20 @@ def _cli(result, *args) -> int | str:
         return "raised"
 
 
-def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
-    """Runs every stage on `build()` with inputs of `shape` (no batch axis)."""
+def run(
+    build,
+    shape,
+    *,
+    seed: int = 0,
+    measure: bool = False,
+    batch: int = 2,
+    jit_compile: bool = True,
+):
+    """Runs every stage on `build()` with inputs of `shape` (no batch axis).
+
+    `jit_compile=False` runs the fit step eagerly instead (recorded as
+    `result["jit_compile"]`).
+    """
     import onnx
 
     from converters import export_onnx, fold_batchnorm
@@ -102,7 +114,7 @@ def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
     from keras_bn import replace_batchnorm
 
     rng = np.random.default_rng(seed)
-    result = {}
+    result = {"jit_compile": jit_compile}
     original = build()
     result["bn_layers"] = randomize_bn(original, rng)
     result["params"] = original.count_params()
@@ -134,10 +146,14 @@ def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
         if hasattr(ours, "backbone") and hasattr(ours, "num_classes"):
             # A keras_hub classifier: class labels, its own loss and metrics.
             y = rng.integers(0, ours.num_classes, size=FIT_BATCH)
-            ours.compile(optimizer=keras.optimizers.SGD(FIT_LR), jit_compile=True)
+            ours.compile(
+                optimizer=keras.optimizers.SGD(FIT_LR), jit_compile=jit_compile
+            )
         else:
             ours.compile(
-                optimizer=keras.optimizers.SGD(FIT_LR), loss="mse", jit_compile=True
+                optimizer=keras.optimizers.SGD(FIT_LR),
+                loss="mse",
+                jit_compile=jit_compile,
             )
         before = [np.array(v) for v in ours.non_trainable_weights]
         loss = ours.fit(xs, y, batch_size=FIT_BATCH, epochs=1, verbose=0).history[

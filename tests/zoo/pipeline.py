@@ -1,4 +1,4 @@
-"""The user's whole journey on one model, stage by stage (TensorFlow backend).
+"""The user's whole journey on one model, stage by stage (any backend).
 
 `run(build, shape)` takes a model with Keras's BatchNormalization (random
 weights), randomizes every BN's statistics, then:
@@ -11,11 +11,12 @@ weights), randomizes every BN's statistics, then:
 4. `converters.fold_batchnorm` -> parity with the loaded model;
 5. `converters.export_onnx` -> ONNX Runtime parity (checked inside);
 6. the `keras-bn inspect` and `keras-bn export` commands (exit status 0);
-   (5 and 6's export need the TensorFlow backend and are skipped on others)
+   (5 and 6 export with the backend's route: tf2onnx, jax2onnx, torch.onnx)
 7. measurements for docs/zoo.md: ONNX node counts of our file and of Keras's
    own export of the same weights with Keras's BN, and ONNX Runtime latency
    at batch 1 (one thread) with default optimizations and with
-   ORT_DISABLE_ALL (`_measure`).
+   ORT_DISABLE_ALL (`_measure`; TensorFlow only, where docs/zoo.md's table
+   is made).
 
 Each stage's outcome goes into a dict; a stage that raises is recorded as
 failed with its message, and later stages that need it are skipped.
@@ -198,8 +199,6 @@ def run(
             result["folded"], result["kept"] = report.num_folded, report.num_kept
 
         result["cli_inspect"] = _cli(result, "inspect", keras_path)
-        if keras.backend.backend() != "tensorflow":
-            return result  # ONNX export: TensorFlow only
         onnx_path = os.path.join(tmp, "model.onnx")
         export = _stage(
             result, "export_onnx", lambda: export_onnx(loaded, onnx_path, samples=2)
@@ -217,7 +216,7 @@ def run(
             "--samples",
             2,
         )
-        if measure and export is not None:
+        if measure and export is not None and keras.backend.backend() == "tensorflow":
             _stage(
                 result,
                 "measure",

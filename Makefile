@@ -1,6 +1,6 @@
 # The two commands a newcomer runs on a fresh machine:
 #   make demo   # set up, train MNIST with and without BN, stats, folded ONNX export
-#   make test   # set up, run every test on TensorFlow and JAX, most on PyTorch
+#   make test   # set up, run every test on TensorFlow, JAX and PyTorch
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -29,21 +29,6 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PY) examples/demo.py
 
-# On PyTorch the suite runs the files that pass there in full so far.
-TORCH_TESTS = tests/test_kernels.py tests/test_backend.py tests/test_ddp.py \
-	tests/test_ghost_batches.py tests/test_unbiased_variance.py \
-	tests/test_masked_statistics.py \
-	tests/test_export_onnx.py tests/test_cli.py tests/test_fold_batchnorm.py \
-	tests/test_fold_keras_fuzz.py tests/test_fold_weights.py \
-	tests/test_onnx_fold.py tests/test_tf_convert.py tests/test_io.py \
-	tests/test_deps.py tests/test_replace.py tests/test_keras_hub.py \
-	tests/test_inception_mnist.py tests/test_mnist_sigmoid.py \
-	tests/test_mnist_loader.py tests/test_bench.py tests/test_bench_layer.py \
-	tests/test_bench_resnet.py tests/test_readme.py tests/test_packaging.py \
-	tests/test_multiworker.py tests/test_recalibrate.py \
-	tests/test_callback_writers.py tests/test_batch_normalization.py \
-	tests/test_fused_path.py tests/test_synchronized.py tests/test_onnx_pool.py
-
 # Lint, then the suite once per backend (one process each: the backend is
 # chosen at import), the three side by side: on 2 cores that takes about two
 # thirds of the time of one after the other, as much of a run is
@@ -56,11 +41,8 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory -j3 --output-sync=target \
 		test-tensorflow test-jax test-torch
 
-TEST_FILES_tensorflow =
-TEST_FILES_jax =
-TEST_FILES_torch = $(TORCH_TESTS)
 test-tensorflow test-jax test-torch: test-%: $(STAMP)
-	KERAS_BACKEND=$* $(PY) -m pytest -q -o cache_dir=.pytest_cache/$* $(TEST_FILES_$*)
+	KERAS_BACKEND=$* $(PY) -m pytest -q -o cache_dir=.pytest_cache/$*
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/codespell

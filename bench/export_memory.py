@@ -117,10 +117,11 @@ def main(argv=None) -> int:
             )
         else:
             model.export(path, format="onnx", verbose=False)
-        size = os.path.getsize(path)
+        # Keras's JAX export writes the weights next to the file (m.onnx.data).
+        size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
     print(
         f"{keras.backend.backend()} {args.model} {args.which}: "
-        f"{time.perf_counter() - t:.1f} s, file {size / 2**20:.1f} MiB, "
+        f"{time.perf_counter() - t:.1f} s, files {size / 2**20:.1f} MiB, "
         f"peak RSS before export {before:.0f} MiB, after {_peak_mb():.0f} MiB"
     )
     return 0

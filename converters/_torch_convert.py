@@ -46,6 +46,18 @@ def _wrapper(model):
     return FlatCall()
 
 
+def inference_call(call):
+    """`call` (`arrays -> outputs` of a model) without autograd, as Keras's
+    own `predict` runs on torch: nothing is kept for a backward pass."""
+    torch = require("torch")
+
+    def no_grad_call(arrays):
+        with torch.no_grad():
+            return call(arrays)
+
+    return no_grad_call
+
+
 def to_onnx(model, specs: list, opset: int):
     """`model(inputs, training=False)` as `(ModelProto, exporter)`.
 

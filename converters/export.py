@@ -790,13 +790,22 @@ def _keras_call(model):
     On JAX one compiled function (`_jax_convert.inference_call`): an eager
     call there compiles every operation for each new input shape, which
     costs more memory than the whole conversion (MobileNetV2 at 224 px,
-    4 rows: +430 MiB eagerly, +110 MiB compiled once).
+    4 rows: +430 MiB eagerly, +110 MiB compiled once). On torch without
+    autograd (`_torch_convert.inference_call`): an eager call records the
+    graph for a backward pass, every activation kept until the outputs go.
     """
     if keras.backend.backend() == "jax":
         from ._jax_convert import inference_call
 
         return inference_call(model)
+    if keras.backend.backend() == "torch":
+        from ._torch_convert import inference_call
 
+        return inference_call(_eager_call(model))
+    return _eager_call(model)
+
+
+def _eager_call(model):
     def call(arrays):
         packed = _keras_graph.pack_inputs(model, list(arrays))
         return [

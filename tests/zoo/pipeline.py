@@ -6,7 +6,8 @@ weights), randomizes every BN's statistics, then:
 1. `keras_bn.replace_batchnorm` -> inference parity with the original, the
    number of BNs swapped and whether the copy kept the model's class;
 2. one `fit` step under `jit_compile=True` (batch of 8, SGD 1e-4, MSE to
-   random targets; finite loss, statistics moved);
+   random targets; finite loss, statistics moved); eager on torch unless
+   KERAS_BN_TORCH_INDUCTOR=1 (see `fit_jit_compile`);
 3. `.keras` save and load -> the loaded model computes the same;
 4. `converters.fold_batchnorm` -> parity with the loaded model;
 5. `converters.export_onnx` -> ONNX Runtime parity (checked inside);
@@ -37,6 +38,17 @@ RTOL = 1e-5  # max|a - b| / max|b| per output, every comparison
 FIT_BATCH = 8  # the fit step's batch (inference checks use `batch`)
 FIT_LR = 1e-4  # 1e-3 blew up EfficientNetV2B0's outputs (max |y| 7e3)
 BLOCKS, ROUNDS = 12, 30  # latency: fresh sessions per block, rounds per block
+
+
+def fit_jit_compile() -> bool:
+    """`jit_compile` of the fit step: True, except on torch, where it means
+    torch.compile with Inductor (many minutes per model on two CPU cores):
+    there the step runs eagerly, Keras's default on torch, unless
+    KERAS_BN_TORCH_INDUCTOR=1."""
+    return (
+        keras.backend.backend() != "torch"
+        or os.environ.get("KERAS_BN_TORCH_INDUCTOR") == "1"
+    )
 
 
 def randomize_bn(model, rng) -> int:
@@ -131,13 +143,14 @@ def run(build, shape, *, seed: int = 0, measure: bool = False, batch: int = 2):
             ),
             keras.tree.map_structure(keras.ops.convert_to_numpy, out),
         )
+        jit = fit_jit_compile()
         if hasattr(ours, "backbone") and hasattr(ours, "num_classes"):
             # A keras_hub classifier: class labels, its own loss and metrics.
             y = rng.integers(0, ours.num_classes, size=FIT_BATCH)
-            ours.compile(optimizer=keras.optimizers.SGD(FIT_LR), jit_compile=True)
+            ours.compile(optimizer=keras.optimizers.SGD(FIT_LR), jit_compile=jit)
         else:
             ours.compile(
-                optimizer=keras.optimizers.SGD(FIT_LR), loss="mse", jit_compile=True
+                optimizer=keras.optimizers.SGD(FIT_LR), loss="mse", jit_compile=jit
             )
         before = [np.array(v) for v in ours.non_trainable_weights]
         loss = ours.fit(xs, y, batch_size=FIT_BATCH, epochs=1, verbose=0).history[

@@ -14,7 +14,6 @@ Inductor's code generation (`test_traced_fit_step_conforms`).
 
 import collections
 import functools
-import os
 
 import keras
 import pytest
@@ -23,19 +22,18 @@ import keras_bn
 from converters.export import relative_error
 from tests.zoo.checks import assert_conforms
 from tests.zoo.models import SYNTHETIC
-from tests.zoo.pipeline import RTOL, run
+from tests.zoo.pipeline import RTOL, fit_jit_compile, run
 
 L = keras.layers
 
-TORCH = keras.backend.backend() == "torch"
 # The fit stage's `jit_compile` (module docstring).
-FIT_JIT = not TORCH or os.environ.get("KERAS_BN_TORCH_INDUCTOR") == "1"
+FIT_JIT = fit_jit_compile()
 
 
 @pytest.mark.parametrize("name", sorted(SYNTHETIC))
 def test_failure_class_conforms(name):
     build, shape = SYNTHETIC[name]
-    assert_conforms(run(build, shape, jit_compile=FIT_JIT))
+    assert_conforms(run(build, shape))
 
 
 @pytest.mark.skipif(

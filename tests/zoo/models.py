@@ -31,6 +31,14 @@ def _app(fn, size, **kwargs):
 #: Families of the conformance list that this Keras does not ship.
 MISSING = {"RegNet": "not in keras.applications of Keras 3.15 (only in tf.keras 2.x)"}
 
+#: (backend, name) -> why that family cannot be built on that backend.
+UNAVAILABLE = {
+    ("torch", "NASNetMobile"): (
+        "Keras 3.15's NASNet raises on torch ('not available with the torch "
+        "backend at this time due to an outstanding bug')"
+    ),
+}
+
 #: name -> (builder, input shape without batch)
 APPLICATIONS = {
     "ResNet50": _app(A.ResNet50, 32),

@@ -5,8 +5,10 @@ weights), randomizes every BN's statistics, then:
 
 1. `keras_bn.replace_batchnorm` -> inference parity with the original, the
    number of BNs swapped and whether the copy kept the model's class;
-2. one `fit` step under `jit_compile=True` (`run`'s default; batch of 8, SGD
-   1e-4, MSE to random targets; finite loss, statistics moved);
+2. one `fit` step under `jit_compile=True` (batch of 8, SGD 1e-4, MSE to
+   random targets; finite loss, statistics moved); eager on torch unless
+   KERAS_BN_TORCH_INDUCTOR=1 (`fit_jit_compile`; `run(jit_compile=...)`
+   chooses otherwise);
 3. `.keras` save and load -> the loaded model computes the same;
 4. `converters.fold_batchnorm` -> parity with the loaded model;
 5. `converters.export_onnx` -> ONNX Runtime parity (checked inside);
@@ -38,6 +40,17 @@ RTOL = 1e-5  # max|a - b| / max|b| per output, every comparison
 FIT_BATCH = 8  # the fit step's batch (inference checks use `batch`)
 FIT_LR = 1e-4  # 1e-3 blew up EfficientNetV2B0's outputs (max |y| 7e3)
 BLOCKS, ROUNDS = 12, 30  # latency: fresh sessions per block, rounds per block
+
+
+def fit_jit_compile() -> bool:
+    """`jit_compile` of the fit step: True, except on torch, where it means
+    torch.compile with Inductor (many minutes per model on two CPU cores):
+    there the step runs eagerly, Keras's default on torch, unless
+    KERAS_BN_TORCH_INDUCTOR=1."""
+    return (
+        keras.backend.backend() != "torch"
+        or os.environ.get("KERAS_BN_TORCH_INDUCTOR") == "1"
+    )
 
 
 def randomize_bn(model, rng) -> int:
@@ -101,12 +114,12 @@ def run(
     seed: int = 0,
     measure: bool = False,
     batch: int = 2,
-    jit_compile: bool = True,
+    jit_compile: bool | None = None,
 ):
     """Runs every stage on `build()` with inputs of `shape` (no batch axis).
 
-    `jit_compile=False` runs the fit step eagerly instead (recorded as
-    `result["jit_compile"]`).
+    `jit_compile` of the fit step: `fit_jit_compile()` unless given
+    (recorded as `result["jit_compile"]`).
     """
     import onnx
 
@@ -115,7 +128,8 @@ def run(
     from keras_bn import replace_batchnorm
 
     rng = np.random.default_rng(seed)
-    result = {"jit_compile": jit_compile}
+    jit = fit_jit_compile() if jit_compile is None else jit_compile
+    result = {"jit_compile": jit}
     original = build()
     result["bn_layers"] = randomize_bn(original, rng)
     result["params"] = original.count_params()
@@ -147,14 +161,10 @@ def run(
         if hasattr(ours, "backbone") and hasattr(ours, "num_classes"):
             # A keras_hub classifier: class labels, its own loss and metrics.
             y = rng.integers(0, ours.num_classes, size=FIT_BATCH)
-            ours.compile(
-                optimizer=keras.optimizers.SGD(FIT_LR), jit_compile=jit_compile
-            )
+            ours.compile(optimizer=keras.optimizers.SGD(FIT_LR), jit_compile=jit)
         else:
             ours.compile(
-                optimizer=keras.optimizers.SGD(FIT_LR),
-                loss="mse",
-                jit_compile=jit_compile,
+                optimizer=keras.optimizers.SGD(FIT_LR), loss="mse", jit_compile=jit
             )
         before = [np.array(v) for v in ours.non_trainable_weights]
         loss = ours.fit(xs, y, batch_size=FIT_BATCH, epochs=1, verbose=0).history[

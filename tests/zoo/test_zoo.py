@@ -5,18 +5,25 @@ BatchNormalization (tiny configurations), through the whole pipeline
 Deselected by default (marker `zoo`); minutes per model on two CPU cores.
 """
 
+import keras
 import pytest
 
 from tests.zoo.checks import assert_conforms
 from tests.zoo.hub_models import HUB
-from tests.zoo.models import APPLICATIONS
+from tests.zoo.models import APPLICATIONS, UNAVAILABLE
 from tests.zoo.pipeline import run
 
 pytestmark = pytest.mark.zoo
 
 
 @pytest.mark.parametrize("name", list(APPLICATIONS))
-def test_application_conforms(name):
+def test_application_conforms(name, request):
+    reason = UNAVAILABLE.get((keras.backend.backend(), name))
+    if reason:
+        # Strict: it fails the run once Keras builds the family on this backend.
+        request.applymarker(
+            pytest.mark.xfail(reason=reason, raises=ValueError, strict=True)
+        )
     build, shape = APPLICATIONS[name]
     assert_conforms(run(build, shape))
 

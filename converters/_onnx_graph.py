@@ -68,6 +68,39 @@ def _subgraph_names(graph, out: set) -> None:
                 _subgraph_names(sub, out)
 
 
+#: Initializers of more elements than this are left out of shape inference's
+#: copy of the model (`_shape_skeleton`).
+_SKELETON_MAX_ELEMENTS = 64
+
+
+def _shape_skeleton(model):
+    """`model` for shape inference: the initializers of more than
+    `_SKELETON_MAX_ELEMENTS` elements (weights) become typed graph inputs.
+
+    Shape inference works on a serialized copy of the model: of a 100 MB
+    model, that is two more copies of every weight. It needs the values of
+    small constants only (shapes, axes), and of the weights their types.
+    """
+    from onnx import helper
+
+    skeleton = type(model)()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    g, graph = skeleton.graph, model.graph
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    inputs = {i.name for i in graph.input}
+    for init in graph.initializer:
+        if int(np.prod(init.dims)) <= _SKELETON_MAX_ELEMENTS:
+            g.initializer.append(init)
+        elif init.name not in inputs:
+            info = helper.make_tensor_value_info(init.name, init.data_type, init.dims)
+            g.input.append(info)
+    return skeleton
+
+
 class Graph:
     """A model's main graph, rewritten in place by the folding patterns.
 
@@ -96,7 +129,7 @@ class Graph:
         self.shapes: dict[str, tuple] = {}
         self.dtypes: dict[str, int] = {}
         try:
-            inferred = onnx.shape_inference.infer_shapes(model)
+            inferred = onnx.shape_inference.infer_shapes(_shape_skeleton(model))
             infos = [*inferred.graph.input, *inferred.graph.value_info]
             infos += list(inferred.graph.output)
         except Exception:  # noqa: BLE001 - shapes are an optional hint

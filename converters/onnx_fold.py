@@ -666,5 +666,12 @@ def fold_onnx(
     report = FoldReport()
     _run(g, report)
     g.prune()
-    onnx.checker.check_model(new)
-    return new, report
+    del g  # its cache of constant values
+    # A message keeps the memory of the fields removed from it (the weights
+    # replaced by their folded values) until it is freed: a copy holds only
+    # what is left.
+    out = onnx.ModelProto()
+    out.CopyFrom(new)
+    del new
+    onnx.checker.check_model(out)
+    return out, report

@@ -54,13 +54,27 @@ def to_onnx(model, specs: list, opset: int):
         packed = _keras_graph.pack_inputs(model, list(args))
         return tuple(keras.tree.flatten(model(packed, training=False)))
 
-    proto = jax2onnx.to_onnx(
-        call,
-        inputs=inputs,
-        opset=opset,
-        input_names=[spec.name for spec in specs],
-        return_mode="proto",
-    )
+    try:
+        proto = jax2onnx.to_onnx(
+            call,
+            inputs=inputs,
+            opset=opset,
+            input_names=[spec.name for spec in specs],
+            return_mode="proto",
+        )
+    except Exception as e:
+        if type(e).__name__ != "InconclusiveDimensionOperation":
+            raise
+        # A layer needs a concrete size where JAX traces a free (symbolic)
+        # one: jax2onnx's resize, for one, on a free batch dimension.
+        where = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"jax2onnx cannot trace {model.name!r} with free dimensions "
+            f"{dim_names(specs)}: a layer needs a concrete size there ({where} "
+            "JAX: a symbolic dimension used where a constant is required). "
+            "Export with a fixed batch size: `batch_size=N` (CLI: "
+            "`--batch-size N`), or an `input_signature` without free dimensions."
+        ) from e
     proto, _ = channels_first_pools(proto)
     return constant_folded(proto)
 

@@ -613,6 +613,25 @@ def test_default_output_names_are_keras_names_and_batch_size_is_static(rng, tmp_
         sess.run(None, {inp.name: np.zeros((2, 6), "float32")})
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="jax2onnx's tracing with symbolic dimensions: the JAX route only",
+)
+def test_jax_layer_needing_a_concrete_batch_says_batch_size(rng, tmp_path):
+    """jax2onnx's resize cannot take a symbolic batch (keras_hub's DeepLabV3
+    resizes its pooled branch so): the error names the fix, which works."""
+    model = keras.Sequential(
+        [keras.Input((1, 1, 4)), L.Conv2D(4, 1), keras_bn.BatchNormalization()]
+        + [L.Resizing(4, 4)]
+    )
+    randomize_bn(model, rng)
+    with pytest.raises(ValueError, match=r"free dimensions.*`batch_size=N`"):
+        export_onnx(model, tmp_path / "free.onnx")
+    assert not (tmp_path / "free.onnx").exists()
+    report = export_onnx(model, tmp_path / "fixed.onnx", batch_size=2, samples=2)
+    assert report.max_rel_error <= RTOL and "BatchNormalization" not in report.nodes
+
+
 def test_float16_precision(rng, tmp_path):
     import onnx
 

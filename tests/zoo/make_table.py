@@ -35,7 +35,7 @@ def _one(name: str, out: str) -> None:
 
     build, shape = APPLICATIONS[name]
     t = time.perf_counter()
-    result = run(build, shape, measure=True)
+    result = run(build, shape, measure=True, name=name)
     result["total_s"] = round(time.perf_counter() - t, 1)
     # Peak resident memory of this process (Linux: KiB), every stage included.
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

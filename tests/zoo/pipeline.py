@@ -42,6 +42,16 @@ FIT_LR = 1e-4  # 1e-3 blew up EfficientNetV2B0's outputs (max |y| 7e3)
 BLOCKS, ROUNDS = 12, 30  # latency: fresh sessions per block, rounds per block
 
 
+#: (backend, zoo name) -> why that model exports with a fixed batch size
+#: (`batch`) there: what `export_onnx`'s error tells a user to do.
+EXPORT_BATCH = {
+    ("jax", "hub_deeplab_v3"): (
+        "jax2onnx cannot trace the Resizing of its pooled branch with a free "
+        "(symbolic) batch dimension"
+    ),
+}
+
+
 def fit_jit_compile() -> bool:
     """`jit_compile` of the fit step: True, except on torch, where it means
     torch.compile with Inductor (many minutes per model on two CPU cores):
@@ -115,11 +125,13 @@ def run(
     measure: bool = False,
     batch: int = 2,
     jit_compile: bool | None = None,
+    name: str | None = None,
 ):
     """Runs every stage on `build()` with inputs of `shape` (no batch axis).
 
     `jit_compile` of the fit step: `fit_jit_compile()` unless given
-    (recorded as `result["jit_compile"]`).
+    (recorded as `result["jit_compile"]`). `name`: the model's zoo name, for
+    `EXPORT_BATCH`.
     """
     import onnx
 
@@ -210,8 +222,14 @@ def run(
 
         result["cli_inspect"] = _cli(result, "inspect", keras_path)
         onnx_path = os.path.join(tmp, "model.onnx")
+        fixed = EXPORT_BATCH.get((keras.backend.backend(), name))
+        result["export_batch_size"] = batch if fixed else None
         export = _stage(
-            result, "export_onnx", lambda: export_onnx(loaded, onnx_path, samples=2)
+            result,
+            "export_onnx",
+            lambda: export_onnx(
+                loaded, onnx_path, samples=2, batch_size=result["export_batch_size"]
+            ),
         )
         if export is not None:
             result["onnx_parity"] = export.max_rel_error
@@ -225,6 +243,7 @@ def run(
             os.path.join(tmp, "cli.onnx"),
             "--samples",
             2,
+            *(["--batch-size", batch] if fixed else []),
         )
         if measure and export is not None and keras.backend.backend() == "tensorflow":
             _stage(

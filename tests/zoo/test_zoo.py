@@ -25,14 +25,14 @@ def test_application_conforms(name, request):
             pytest.mark.xfail(reason=reason, raises=ValueError, strict=True)
         )
     build, shape = APPLICATIONS[name]
-    assert_conforms(run(build, shape))
+    assert_conforms(run(build, shape, name=name))
 
 
 @pytest.mark.parametrize("name", list(HUB))
 def test_keras_hub_conforms(name):
     pytest.importorskip("keras_hub", reason="keras_hub is not installed")
     build, shape = HUB[name]
-    result = run(build, shape)
+    result = run(build, shape, name=name)
     assert_conforms(result)
     # Rebuilt by its own class wherever its config allows (EfficientNet's
     # config omits `num_features`: the copy is cloned, a plain Functional).

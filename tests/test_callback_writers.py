@@ -81,6 +81,25 @@ def test_tensorboard_writers_write_the_same_tags(tmp_path, cls):
     assert histograms == {("pre/a/h", 3), ("pre/a/h", 8)}
 
 
+@pytest.mark.parametrize("cls", [TensorBoardWriter, TensorBoardXWriter])
+def test_writers_opened_in_the_same_second_keep_every_file(tmp_path, cls, monkeypatch):
+    """Two short `fit`s open two writers in one second: both files stay."""
+    pytest.importorskip("tensorboard", reason="reading event files needs it")
+    if cls is TensorBoardWriter:
+        pytest.importorskip("tensorflow", reason="tf.summary needs TensorFlow")
+    else:
+        pytest.importorskip("tensorboardX", reason="the writer needs tensorboardX")
+    import time
+
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)  # one second
+    for step in (3, 8):
+        writer = cls(tmp_path, "pre")
+        writer.write(step, {"a/x": float(step)}, {})
+        writer.close()
+    scalars, _ = read_events(tmp_path)
+    assert scalars == {("pre/a/x", 3): 3.0, ("pre/a/x", 8): 8.0}
+
+
 def test_writer_follows_the_backend(tmp_path):
     if keras.backend.backend() == "tensorflow":
         pytest.importorskip("tensorflow")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 from collections.abc import Sequence
 
@@ -99,6 +100,10 @@ def tensorboard_writer(log_dir: str | os.PathLike, prefix: str):
     return TensorBoardXWriter(log_dir, prefix)
 
 
+#: Numbers the event files this process opens with tensorboardX.
+_FILE_NUMBERS = itertools.count()
+
+
 class TensorBoardXWriter:
     """Writes scalars and histograms to TensorBoard event files via tensorboardX.
 
@@ -122,7 +127,15 @@ class TensorBoardXWriter:
             ) from e
         self._prefix = prefix
         # flush_secs: flushed by `flush()` at each epoch end, not by a timer.
-        self._writer = SummaryWriter(os.fspath(log_dir), flush_secs=3600)
+        # The suffix: tensorboardX names a file by the second it was opened
+        # and the host, so a second writer in the same second (two short
+        # `fit`s) would overwrite the first one's file; as tf.summary does,
+        # the process id and a counter keep every file.
+        self._writer = SummaryWriter(
+            os.fspath(log_dir),
+            flush_secs=3600,
+            filename_suffix=f".{os.getpid()}.{next(_FILE_NUMBERS)}",
+        )
 
     def write(self, step: int, scalars: dict, histograms: dict) -> None:
         """Writes `{tag: float}` scalars and `{tag: array}` histograms at `step`."""

@@ -30,8 +30,7 @@ demo: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PY) examples/demo.py
 
 # Lint, then the suite once per backend (one process each: the backend is
-# chosen at import), the three side by side: on 2 cores that takes about two
-# thirds of the time of one after the other, as much of a run is
+# chosen at import), the three side by side, as much of a run is
 # single-threaded (compilers, Python). Each backend's output is printed whole
 # when it finishes; `make test-jax` (or -tensorflow, -torch) runs one.
 test: $(STAMP)

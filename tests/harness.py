@@ -146,6 +146,13 @@ def ref_inference(x, mean, var, gamma, beta, axis: int, epsilon: float):
 # -- running layers and functions with gradients ---------------------------------
 
 
+def inductor_opted_in() -> bool:
+    """Whether `KERAS_BN_TORCH_INDUCTOR=1` asks for the Inductor runs."""
+    import os
+
+    return os.environ.get("KERAS_BN_TORCH_INDUCTOR") == "1"
+
+
 def skip_inductor_fit(jit_compile) -> None:
     """Skips `fit(jit_compile=True)` on torch unless KERAS_BN_TORCH_INDUCTOR=1.
 
@@ -153,15 +160,9 @@ def skip_inductor_fit(jit_compile) -> None:
     test on a 2-core machine. The compiled layer is tested without it (the
     `jit=True` paths, `torch_compile`) and with it once, in `test_backend`.
     """
-    import os
-
     import pytest
 
-    if (
-        backend_name() == "torch"
-        and jit_compile is True
-        and os.environ.get("KERAS_BN_TORCH_INDUCTOR") != "1"
-    ):
+    if backend_name() == "torch" and jit_compile is True and not inductor_opted_in():
         pytest.skip(
             "fit(jit_compile=True) on torch compiles with Inductor (minutes per "
             "test on 2 cores); set KERAS_BN_TORCH_INDUCTOR=1 to run it"

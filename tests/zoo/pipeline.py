@@ -57,10 +57,9 @@ def fit_jit_compile() -> bool:
     torch.compile with Inductor (many minutes per model on two CPU cores):
     there the step runs eagerly, Keras's default on torch, unless
     KERAS_BN_TORCH_INDUCTOR=1."""
-    return (
-        keras.backend.backend() != "torch"
-        or os.environ.get("KERAS_BN_TORCH_INDUCTOR") == "1"
-    )
+    from tests.harness import inductor_opted_in
+
+    return keras.backend.backend() != "torch" or inductor_opted_in()
 
 
 def randomize_bn(model, rng) -> int:
